@@ -1,0 +1,17 @@
+"""The one API router: every app registers its viewsets here."""
+
+from __future__ import annotations
+
+from rest_framework.routers import DefaultRouter
+
+from connectors.api.views import ConnectorViewSet, CredentialViewSet
+from integration.api.views import DeadLetterViewSet, PipelineViewSet, RunViewSet
+
+router = DefaultRouter()
+router.register("credentials", CredentialViewSet)
+router.register("connectors", ConnectorViewSet)
+router.register("pipelines", PipelineViewSet)
+router.register("runs", RunViewSet)
+router.register("dead-letters", DeadLetterViewSet)
+
+urlpatterns = router.urls

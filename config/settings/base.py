@@ -1,0 +1,227 @@
+"""Settings shared by every environment, read from the environment (django-environ).
+
+Every secret also accepts `NAME_FILE`: the path of a file holding it (a mounted
+Kubernetes secret).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+#: Local state of the zero-config mode (SQLite, broker folders, keys, staged batches).
+LOCAL_DIR = Path(os.environ.get("DIS_LOCAL_DIR", BASE_DIR / ".local"))
+
+env = environ.Env()
+
+
+def env_secret(name: str, default: str | None = None) -> str | None:
+    """Read secret `name` from the environment or from the file `NAME_FILE` names."""
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        return Path(path).read_text().strip()
+    return os.environ.get(name, default)
+
+
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "knox",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_celery_beat",
+    "connectors",
+    "transforms",
+    "lineage",
+    "integration",
+]
+
+MIDDLEWARE = [
+    "config.middleware.CorrelationIdMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+
+def database_from_env(default_url: str) -> dict:
+    """The default database from `DATABASE_URL`, tuned per engine."""
+    db = env.db_url("DATABASE_URL", default=default_url)
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        # WAL lets the API read while a worker writes; the busy timeout makes
+        # writers wait for each other instead of failing with "database is locked".
+        db["OPTIONS"] = {
+            "timeout": 30,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    elif db["ENGINE"] == "django.db.backends.postgresql":
+        db.setdefault("OPTIONS", {})
+        db["CONN_HEALTH_CHECKS"] = True
+        db["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
+    return db
+
+
+DATABASES = {"default": database_from_env(f"sqlite:///{LOCAL_DIR / 'db.sqlite3'}")}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = env.path("DJANGO_STATIC_ROOT", default=str(BASE_DIR / "var" / "static"))
+
+# --- REST API -------------------------------------------------------------------
+REST_FRAMEWORK = {
+    # Token first: its WWW-Authenticate header turns an anonymous call into 401.
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "knox.auth.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "config.api.Pagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.OrderingFilter",
+    ],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "config.api.exception_handler",
+    "DEFAULT_THROTTLE_CLASSES": [
+        "rest_framework.throttling.UserRateThrottle",
+        "rest_framework.throttling.AnonRateThrottle",
+    ],
+    "DEFAULT_THROTTLE_RATES": {
+        "user": env.str("API_THROTTLE_USER", default="100000/hour"),
+        "anon": env.str("API_THROTTLE_ANON", default="600/hour"),
+    },
+}
+REST_KNOX = {
+    "TOKEN_TTL": __import__("datetime").timedelta(
+        hours=env.int("API_TOKEN_TTL_HOURS", default=24 * 30)
+    ),
+    "AUTO_REFRESH": False,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Data Integration Service API",
+    "DESCRIPTION": "Job control for pipelines, runs and dead letters.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {},
+}
+
+# --- Celery ---------------------------------------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="")
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
+#: Longest hard time limit of any task; the broker's visibility timeout stays above it.
+CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=30 * 60)
+CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 60
+_broker_dir = LOCAL_DIR / "broker"
+CELERY_BROKER_TRANSPORT_OPTIONS = (
+    {
+        "data_folder_in": str(_broker_dir / "out"),
+        "data_folder_out": str(_broker_dir / "out"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+    }
+    if CELERY_BROKER_URL.startswith("filesystem://")
+    else {"visibility_timeout": CELERY_TASK_TIME_LIMIT * 2 + 600}
+)
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_TASK_DEFAULT_QUEUE = "control"
+CELERY_TASK_ROUTES = {
+    "integration.plan_run": {"queue": "control"},
+    "integration.finalize_run": {"queue": "control"},
+    "integration.extract_chunk": {"queue": "io"},
+    "integration.transform_chunk": {"queue": "cpu"},
+    "integration.load_chunk": {"queue": "io"},
+}
+CELERY_WORKER_QUEUES = "control,io,cpu"
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_ALWAYS_EAGER = False
+
+# --- Data path ------------------------------------------------------------------
+#: Where batches wait between the tasks of a chunk: Redis when REDIS_URL is set,
+#: else a local folder (zero-config mode).
+DIS_STAGING_URL = env.str(
+    "DIS_STAGING_URL", default=REDIS_URL or f"file://{LOCAL_DIR / 'staging'}"
+)
+DIS_STAGING_TTL_SECONDS = env.int("DIS_STAGING_TTL_SECONDS", default=24 * 3600)
+DIS_STAGING_PREFIX = env.str("DIS_STAGING_PREFIX", default="dis:stage")
+DIS_DEFAULT_CHUNK_ROWS = env.int("DIS_DEFAULT_CHUNK_ROWS", default=50_000)
+DIS_DEFAULT_WINDOW = env.int("DIS_DEFAULT_WINDOW", default=4)
+DIS_ENGINE_THREADS = env.int("DIS_ENGINE_THREADS", default=1)
+DIS_ENGINE_MEMORY_LIMIT = env.str("DIS_ENGINE_MEMORY_LIMIT", default="1GB")
+#: Roots that files connectors may read from (empty: any).
+DIS_FILES_ROOTS = env.list("DIS_FILES_ROOTS", default=[])
+
+# --- Secrets --------------------------------------------------------------------
+#: Fernet keys, newest first (comma-separated). The first encrypts; all decrypt.
+DIS_ENCRYPTION_KEYS = env_secret("DIS_ENCRYPTION_KEYS")
+DIS_ENCRYPTION_KEYS_GENERATE = False
+DIS_ENCRYPTION_KEYS_LOCAL_FILE = LOCAL_DIR / "encryption.keys"
+
+SECRET_KEY = env_secret("DJANGO_SECRET_KEY") or ""
+
+# --- Logging --------------------------------------------------------------------
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOG_FORMAT = env.str("LOG_FORMAT", default="json")
+from config.logging import build_logging_config  # noqa: E402
+
+LOGGING_CONFIG = "config.logging.configure"
+LOGGING = build_logging_config(LOG_LEVEL, LOG_FORMAT)

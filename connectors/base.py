@@ -1,0 +1,238 @@
+"""The connector contract: plugins, sources and sinks.
+
+Pure Python (no Django): plugins take plain config dicts and Arrow batches and return
+plain values. The Django app `connectors` wraps them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import marshmallow
+import pyarrow as pa
+
+from connectors.exceptions import ConfigError
+
+#: Columns every sink that can add columns writes next to the data.
+RUN_ID_COLUMN = "_run_id"
+CHUNK_SEQ_COLUMN = "_chunk_seq"
+SOURCE_REF_COLUMN = "_source_ref"
+SYSTEM_COLUMNS = (RUN_ID_COLUMN, CHUNK_SEQ_COLUMN, SOURCE_REF_COLUMN)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a connector kind can do, declared as data (never probed)."""
+
+    source: bool = False
+    sink: bool = False
+    incremental: bool = False
+    upsert: bool = False
+    discover: bool = False
+    chunkable: bool = False
+    exactly_once: bool = False
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Outcome of `check()`: a message an operator can act on, never a secret."""
+
+    ok: bool
+    message: str
+    latency_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One unit of parallel work planned by a source.
+
+    Attributes:
+        seq: position of the chunk in the run, from 0.
+        spec: JSON-serialisable description `read()` needs (byte range, key range...).
+    """
+
+    seq: int
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """A stream (table, file, topic) a source offers and its Arrow schema."""
+
+    name: str
+    schema: pa.Schema
+
+
+@dataclass
+class WriteResult:
+    """What a sink write committed."""
+
+    rows_written: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+#: Called by a sink inside its write transaction, after taking the chunk lock and
+#: before committing; returns False when the attempt has been superseded.
+Fence = Callable[[], bool]
+
+
+def secret_field_names(schema: type[marshmallow.Schema]) -> tuple[str, ...]:
+    """Names of the fields a config schema marks `metadata={"secret": True}`."""
+    return tuple(
+        name
+        for name, fld in schema._declared_fields.items()
+        if (fld.metadata or {}).get("secret")
+    )
+
+
+class Source:
+    """Reads records as Arrow batches.
+
+    Every batch `read()` yields carries a `_source_ref` string column (file#row,
+    topic/partition/offset, primary key...) so every output row can be traced back.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def check(self) -> CheckResult:
+        raise NotImplementedError
+
+    def discover(self) -> list[StreamInfo]:
+        raise NotImplementedError
+
+    def plan(self, options: dict[str, Any], *, chunk_rows: int) -> Iterator[Chunk]:
+        """Split the read into chunks; streams, so a huge input needs bounded memory."""
+        raise NotImplementedError
+
+    def read(self, options: dict[str, Any], chunk: Chunk) -> Iterator[pa.RecordBatch]:
+        """Yield the chunk's records; reads nothing outside the chunk."""
+        raise NotImplementedError
+
+    def fingerprint(self, options: dict[str, Any]) -> str | None:
+        """A token that changes when the input changes (resume safety), if known."""
+        return None
+
+    def close(self) -> None:
+        """Release pooled resources."""
+
+
+class Sink:
+    """Writes Arrow batches, idempotently per (run, chunk)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def check(self) -> CheckResult:
+        raise NotImplementedError
+
+    def prepare(self, options: dict[str, Any], schema: pa.Schema) -> None:
+        """Create (or check) the target for data of `schema` (without system columns)."""
+        raise NotImplementedError
+
+    def write(
+        self,
+        options: dict[str, Any],
+        batch: pa.Table,
+        *,
+        run_id: int,
+        chunk_seq: int,
+        fence: Fence,
+    ) -> WriteResult:
+        """Write `batch` for (run_id, chunk_seq), replacing what an earlier attempt wrote.
+
+        `batch` has the data columns plus `_source_ref`. The implementation serialises
+        attempts of the same chunk, calls `fence()` before committing and raises
+        `FencedError` (rolling back) when it returns False.
+        """
+        raise NotImplementedError
+
+    def finalize(self, options: dict[str, Any], *, run_id: int) -> None:
+        """Called once when the run finished successfully."""
+
+    def dataset_name(self, options: dict[str, Any]) -> str:
+        """The lineage dataset name of the target, e.g. `postgres://host/db.s.t`."""
+        return ""
+
+    def close(self) -> None:
+        """Release pooled resources."""
+
+
+class Plugin:
+    """A connector kind: its config schema, capabilities, source and sink classes.
+
+    Subclasses set the class attributes; the registry maps `kind` to the class.
+    """
+
+    kind: ClassVar[str]
+    title: ClassVar[str] = ""
+    config_schema: ClassVar[type[marshmallow.Schema]]
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    source_class: ClassVar[type[Source] | None] = None
+    sink_class: ClassVar[type[Sink] | None] = None
+
+    @classmethod
+    def secret_fields(cls) -> tuple[str, ...]:
+        return secret_field_names(cls.config_schema)
+
+    @classmethod
+    def load_config(
+        cls, config: dict[str, Any], secrets: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Validate `config` (plus the credential's `secrets`) and return it loaded.
+
+        Secret fields must come from the credential, never from `config`.
+
+        Raises:
+            ConfigError: with `.errors` mapping field name to messages.
+        """
+        secret_names = set(cls.secret_fields())
+        leaked = sorted(secret_names & set(config))
+        if leaked:
+            error = ConfigError(
+                f"secret field(s) {', '.join(leaked)} belong in a credential"
+            )
+            error.errors = {name: ["Put this secret in a credential."] for name in leaked}
+            raise error
+        merged = dict(config)
+        for name, value in (secrets or {}).items():
+            if name in secret_names:
+                merged[name] = value
+        try:
+            return cls.config_schema().load(merged)
+        except marshmallow.ValidationError as exc:
+            messages = exc.normalized_messages()
+            error = ConfigError(
+                "invalid configuration: " + ", ".join(sorted(map(str, messages)))
+            )
+            error.errors = messages
+            raise error from None
+
+    @classmethod
+    def source(cls, config: dict[str, Any]) -> Source:
+        if cls.source_class is None:
+            raise ConfigError(f"connector kind {cls.kind!r} cannot be a source")
+        return cls.source_class(config)
+
+    @classmethod
+    def sink(cls, config: dict[str, Any]) -> Sink:
+        if cls.sink_class is None:
+            raise ConfigError(f"connector kind {cls.kind!r} cannot be a sink")
+        return cls.sink_class(config)
+
+    @classmethod
+    def check(cls, config: dict[str, Any]) -> CheckResult:
+        """Check the connection with whichever side the kind has."""
+        started = time.perf_counter()
+        side = cls.source(config) if cls.source_class else cls.sink(config)
+        try:
+            result = side.check()
+        finally:
+            side.close()
+        if not result.latency_ms:
+            elapsed = (time.perf_counter() - started) * 1000
+            result = CheckResult(result.ok, result.message, round(elapsed, 2))
+        return result

@@ -1,0 +1,67 @@
+"""Connector kind -> plugin class, imported on first use.
+
+Built-in kinds are dotted paths so the web process never imports a database or Kafka
+driver it does not use. Third-party kinds join through the `dis.connectors`
+entry-point group; a kind defined twice is an error. Pure Python (no Django).
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+from importlib.metadata import entry_points
+
+from connectors.base import Plugin
+from connectors.exceptions import RegistryError
+
+ENTRY_POINT_GROUP = "dis.connectors"
+
+BUILTIN_KINDS: dict[str, str] = {
+    "generator": "connectors.plugins.generator:GeneratorPlugin",
+    "files": "connectors.plugins.files:FilesPlugin",
+    "postgres": "connectors.plugins.sql:PostgresPlugin",
+    "sqlite": "connectors.plugins.sql:SqlitePlugin",
+}
+
+
+@cache
+def available_kinds() -> dict[str, str]:
+    """Every known kind and the dotted path of its plugin class.
+
+    Raises:
+        RegistryError: when two plugins claim the same kind.
+    """
+    kinds = dict(BUILTIN_KINDS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in kinds:
+            raise RegistryError(
+                f"connector kind {ep.name!r} is defined twice: "
+                f"{kinds[ep.name]} and {ep.value}"
+            )
+        kinds[ep.name] = ep.value
+    return kinds
+
+
+@cache
+def get_plugin(kind: str) -> type[Plugin]:
+    """The plugin class of `kind`, importing its module on first use.
+
+    Raises:
+        RegistryError: for an unknown kind or a path that does not name a Plugin.
+    """
+    try:
+        path = available_kinds()[kind]
+    except KeyError:
+        raise RegistryError(f"unknown connector kind {kind!r}") from None
+    module_name, _, attr = path.partition(":")
+    plugin = getattr(importlib.import_module(module_name), attr, None)
+    if not (isinstance(plugin, type) and issubclass(plugin, Plugin)):
+        raise RegistryError(f"{path} is not a connector Plugin class")
+    if plugin.kind != kind:
+        raise RegistryError(f"{path} declares kind {plugin.kind!r}, not {kind!r}")
+    return plugin
+
+
+def kind_choices() -> list[tuple[str, str]]:
+    """(kind, kind) pairs for forms; does not import any plugin."""
+    return [(kind, kind) for kind in sorted(available_kinds())]

@@ -1,0 +1,196 @@
+"""Serializers of the integration API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from connectors.models import Connector
+from integration import services
+from integration.choices import WriteMode
+from integration.models import DeadLetter, Pipeline, PipelineVersion, Run
+
+
+class PipelineVersionSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = PipelineVersion
+        fields = ["id", "number", "content_hash", "spec", "created_at"]
+        read_only_fields = fields
+
+
+class PipelineSerializer(serializers.ModelSerializer):
+    """A pipeline; a change to its behaviour freezes a new version."""
+
+    source = serializers.SlugRelatedField(
+        slug_field="name", queryset=Connector.objects.all()
+    )
+    sink = serializers.SlugRelatedField(
+        slug_field="name", queryset=Connector.objects.all()
+    )
+    current_version = PipelineVersionSerializer(read_only=True)
+
+    class Meta:
+        model = Pipeline
+        fields = [
+            "id",
+            "name",
+            "description",
+            "source",
+            "source_options",
+            "steps",
+            "sink",
+            "sink_options",
+            "mode",
+            "chunk_rows",
+            "max_in_flight",
+            "max_rejected_ratio",
+            "overlap_policy",
+            "is_paused",
+            "current_version",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["current_version", "created_at", "updated_at"]
+
+    def validate_source_options(self, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("must be an object")
+        return value
+
+    def validate_sink_options(self, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("must be an object")
+        mode = value.get("write_mode", WriteMode.APPEND)
+        if mode not in WriteMode.values:
+            raise serializers.ValidationError(
+                {"write_mode": f"must be one of {', '.join(WriteMode.values)}"}
+            )
+        if mode != WriteMode.APPEND:
+            raise serializers.ValidationError(
+                {"write_mode": f"{mode} is not supported yet; use append"}
+            )
+        if not value.get("table") and not value.get("path"):
+            raise serializers.ValidationError({"table": "this field is required"})
+        return value
+
+    def validate_steps(self, value: Any) -> list[Any]:
+        if not isinstance(value, list):
+            raise serializers.ValidationError("must be a list of steps")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        probe = Pipeline(
+            **{
+                **{
+                    f: getattr(self.instance, f)
+                    for f in ("source", "sink", "steps")
+                    if self.instance is not None
+                },
+                **{k: v for k, v in attrs.items() if k in ("source", "sink", "steps")},
+            }
+        )
+        try:
+            services.validate_definition(probe)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.message_dict) from None
+        return attrs
+
+    def create(self, validated_data: dict[str, Any]) -> Pipeline:
+        pipeline = super().create(validated_data)
+        services.freeze_version(pipeline)
+        return pipeline
+
+    def update(self, instance: Pipeline, validated_data: dict[str, Any]) -> Pipeline:
+        pipeline = super().update(instance, validated_data)
+        services.freeze_version(pipeline)
+        return pipeline
+
+
+class ChunkProgressSerializer(serializers.Serializer):
+    pending = serializers.IntegerField()
+    queued = serializers.IntegerField()
+    running = serializers.IntegerField()
+    done = serializers.IntegerField()
+    skipped = serializers.IntegerField()
+
+
+class RunSerializer(serializers.ModelSerializer):
+    """A run: state, counts and chunk progress."""
+
+    pipeline = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    version = serializers.IntegerField(source="version.number", read_only=True)
+    version_hash = serializers.CharField(source="version.content_hash", read_only=True)
+    rejected_ratio = serializers.FloatField(read_only=True)
+    duration_seconds = serializers.FloatField(read_only=True, allow_null=True)
+    chunks = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Run
+        fields = [
+            "id",
+            "pipeline",
+            "version",
+            "version_hash",
+            "state",
+            "kind",
+            "trigger",
+            "correlation_id",
+            "chunks_total",
+            "chunks_done",
+            "chunks",
+            "records_read",
+            "records_written",
+            "records_rejected",
+            "records_filtered",
+            "records_dead_lettered",
+            "rejected_ratio",
+            "error",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "duration_seconds",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(ChunkProgressSerializer)
+    def get_chunks(self, run: Run) -> dict[str, int]:
+        return services.chunk_progress(run)
+
+
+class RunListSerializer(RunSerializer):
+    """A run in a list (no per-chunk query)."""
+
+    class Meta(RunSerializer.Meta):
+        fields = [f for f in RunSerializer.Meta.fields if f != "chunks"]
+        read_only_fields = fields
+
+
+class StartRunSerializer(serializers.Serializer):
+    """Body of a run request (all optional)."""
+
+    params = serializers.DictField(required=False, default=dict)
+
+
+class DeadLetterSerializer(serializers.ModelSerializer):
+    pipeline = serializers.SlugRelatedField(slug_field="name", read_only=True)
+
+    class Meta:
+        model = DeadLetter
+        fields = [
+            "id",
+            "run",
+            "pipeline",
+            "chunk_seq",
+            "step",
+            "error_class",
+            "error",
+            "payload",
+            "source_ref",
+            "attempts",
+            "state",
+            "created_at",
+        ]
+        read_only_fields = fields

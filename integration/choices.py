@@ -1,0 +1,71 @@
+"""States and kinds of the integration app."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class RunState(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    SUCCEEDED_WITH_ERRORS = "succeeded_with_errors", "Succeeded with errors"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+ACTIVE_STATES = (RunState.QUEUED, RunState.RUNNING)
+TERMINAL_STATES = (
+    RunState.SUCCEEDED,
+    RunState.SUCCEEDED_WITH_ERRORS,
+    RunState.FAILED,
+    RunState.CANCELLED,
+)
+
+
+class RunKind(models.TextChoices):
+    REGULAR = "regular", "Regular"
+    REPLAY = "replay", "Replay"
+    BACKFILL = "backfill", "Backfill"
+
+
+class RunTrigger(models.TextChoices):
+    SCHEDULE = "schedule", "Schedule"
+    API = "api", "API"
+    EVENT = "event", "Event"
+    WORKFLOW = "workflow", "Workflow"
+    MANUAL = "manual", "Manual (admin or CLI)"
+
+
+class ChunkState(models.TextChoices):
+    PENDING = "pending", "Pending"
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    DONE = "done", "Done"
+    SKIPPED = "skipped", "Skipped (run stopped)"
+
+
+CHUNK_IN_FLIGHT = (ChunkState.QUEUED, ChunkState.RUNNING)
+CHUNK_FINISHED = (ChunkState.DONE, ChunkState.SKIPPED)
+
+
+class PipelineMode(models.TextChoices):
+    BATCH = "batch", "Batch"
+    STREAM = "stream", "Stream"
+
+
+class OverlapPolicy(models.TextChoices):
+    QUEUE = "queue", "Queue the new run"
+    SKIP = "skip", "Skip the new run"
+
+
+class WriteMode(models.TextChoices):
+    APPEND = "append", "Append"
+    UPSERT = "upsert", "Upsert by key"
+    REPLACE = "replace", "Replace"
+
+
+class DeadLetterState(models.TextChoices):
+    OPEN = "open", "Open"
+    REPLAYED = "replayed", "Replayed"
+    DISCARDED = "discarded", "Discarded"

@@ -1,0 +1,297 @@
+"""Pipelines, their immutable versions, runs, chunk runs and dead letters."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Any
+
+import orjson
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from connectors.models import Connector
+from integration.choices import (
+    TERMINAL_STATES,
+    ChunkState,
+    DeadLetterState,
+    OverlapPolicy,
+    PipelineMode,
+    RunKind,
+    RunState,
+    RunTrigger,
+    WriteMode,
+)
+from integration.querysets import ChunkRunQuerySet, RunQuerySet
+
+
+def canonical_json(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+class Pipeline(models.Model):
+    """Source + steps + sink, with the run settings. Its behaviour is versioned.
+
+    Every save that changes what the pipeline does freezes a new `PipelineVersion`;
+    runs reference the version they ran.
+    """
+
+    name = models.SlugField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    source = models.ForeignKey(
+        Connector, on_delete=models.PROTECT, related_name="source_pipelines"
+    )
+    source_options = models.JSONField(
+        default=dict, blank=True, help_text="What to read: path, table, query, topic..."
+    )
+    steps = models.JSONField(
+        default=list, blank=True, help_text="Ordered steps: map, filter, validate..."
+    )
+    sink = models.ForeignKey(
+        Connector, on_delete=models.PROTECT, related_name="sink_pipelines"
+    )
+    sink_options = models.JSONField(
+        default=dict, blank=True, help_text="Where to write: table, write_mode, key..."
+    )
+    mode = models.CharField(
+        max_length=10, choices=PipelineMode.choices, default=PipelineMode.BATCH
+    )
+    chunk_rows = models.PositiveIntegerField(
+        default=50_000,
+        validators=[MinValueValidator(1), MaxValueValidator(5_000_000)],
+        help_text="Rows per chunk (the unit of parallelism and checkpointing).",
+    )
+    max_in_flight = models.PositiveIntegerField(
+        default=4,
+        validators=[MinValueValidator(1), MaxValueValidator(256)],
+        help_text="Chunks of one run in flight at once (backpressure window).",
+    )
+    max_rejected_ratio = models.FloatField(
+        default=0.1,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="The run fails when rejected/read over committed chunks exceeds it.",
+    )
+    overlap_policy = models.CharField(
+        max_length=10, choices=OverlapPolicy.choices, default=OverlapPolicy.QUEUE
+    )
+    is_paused = models.BooleanField(default=False)
+    current_version = models.ForeignKey(
+        "PipelineVersion",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="+",
+        editable=False,
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        write_mode = (self.sink_options or {}).get("write_mode", WriteMode.APPEND)
+        if write_mode not in WriteMode.values:
+            raise ValidationError(
+                {"sink_options": f"write_mode must be one of {', '.join(WriteMode)}"}
+            )
+        if not isinstance(self.steps, list):
+            raise ValidationError({"steps": "must be a list of steps"})
+
+    def behaviour_spec(self) -> dict[str, Any]:
+        """Everything that changes what a run does (what a version freezes)."""
+        return {
+            "source": {"connector": self.source_id, "options": self.source_options},
+            "steps": self.steps,
+            "sink": {"connector": self.sink_id, "options": self.sink_options},
+            "mode": self.mode,
+            "chunk_rows": self.chunk_rows,
+            "max_rejected_ratio": self.max_rejected_ratio,
+        }
+
+
+class PipelineVersion(models.Model):
+    """An immutable snapshot of a pipeline's behaviour, identified by its hash."""
+
+    pipeline = models.ForeignKey(
+        Pipeline, on_delete=models.CASCADE, related_name="versions"
+    )
+    number = models.PositiveIntegerField()
+    content_hash = models.CharField(max_length=64)
+    spec = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["pipeline", "-number"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["pipeline", "number"], name="pipelineversion_unique_number"
+            ),
+            models.UniqueConstraint(
+                fields=["pipeline", "content_hash"], name="pipelineversion_unique_hash"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.pipeline.name} v{self.number} ({self.content_hash[:8]})"
+
+    @staticmethod
+    def hash_spec(spec: dict[str, Any]) -> str:
+        return hashlib.sha256(canonical_json(spec)).hexdigest()
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None:
+            raise ValidationError("a pipeline version is immutable")
+        super().save(*args, **kwargs)
+
+
+class Run(models.Model):
+    """One execution of a pipeline version, with its counts and state."""
+
+    pipeline = models.ForeignKey(Pipeline, on_delete=models.PROTECT, related_name="runs")
+    version = models.ForeignKey(
+        PipelineVersion, on_delete=models.PROTECT, related_name="runs"
+    )
+    state = models.CharField(
+        max_length=24, choices=RunState.choices, default=RunState.QUEUED, db_index=True
+    )
+    kind = models.CharField(
+        max_length=10, choices=RunKind.choices, default=RunKind.REGULAR
+    )
+    trigger = models.CharField(
+        max_length=10, choices=RunTrigger.choices, default=RunTrigger.API
+    )
+    correlation_id = models.CharField(max_length=128, db_index=True)
+    requested_by = models.ForeignKey(
+        "auth.User", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    params = models.JSONField(default=dict, blank=True)
+    source_fingerprint = models.CharField(max_length=200, blank=True)
+    chunks_total = models.PositiveIntegerField(default=0)
+    chunks_done = models.PositiveIntegerField(default=0)
+    records_read = models.BigIntegerField(default=0)
+    records_written = models.BigIntegerField(default=0)
+    records_rejected = models.BigIntegerField(default=0)
+    records_filtered = models.BigIntegerField(default=0)
+    records_dead_lettered = models.BigIntegerField(default=0)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    planned_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = RunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            # One running regular run per pipeline, enforced by the database.
+            models.UniqueConstraint(
+                fields=["pipeline"],
+                condition=Q(state="running", kind="regular"),
+                name="run_one_running_regular_per_pipeline",
+            )
+        ]
+        indexes = [models.Index(fields=["pipeline", "state"])]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} of {self.pipeline_id} ({self.state})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def rejected_ratio(self) -> float:
+        return self.records_rejected / self.records_read if self.records_read else 0.0
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if not self.started_at:
+            return None
+        end = self.finished_at or timezone.now()
+        return round((end - self.started_at).total_seconds(), 3)
+
+    def outcome_state(self) -> RunState:
+        """The terminal state a finished run earns from its counts."""
+        if self.rejected_ratio > self.version.spec["max_rejected_ratio"]:
+            return RunState.FAILED
+        if self.records_rejected:
+            return RunState.SUCCEEDED_WITH_ERRORS
+        return RunState.SUCCEEDED
+
+
+class ChunkRun(models.Model):
+    """One chunk of a run: its plan, its state, its attempt token and its counts.
+
+    The checkpoint of the run: a chunk in state `done` is committed in the sink.
+    """
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="chunks")
+    seq = models.PositiveIntegerField()
+    spec = models.JSONField()
+    state = models.CharField(
+        max_length=10, choices=ChunkState.choices, default=ChunkState.PENDING
+    )
+    attempt_token = models.UUIDField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    records_read = models.BigIntegerField(default=0)
+    records_written = models.BigIntegerField(default=0)
+    records_rejected = models.BigIntegerField(default=0)
+    records_filtered = models.BigIntegerField(default=0)
+    error = models.TextField(blank=True)
+    queued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ChunkRunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["run", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "seq"], name="chunkrun_unique_seq")
+        ]
+        indexes = [models.Index(fields=["run", "state"])]
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} chunk {self.seq} ({self.state})"
+
+    @staticmethod
+    def new_token() -> uuid.UUID:
+        return uuid.uuid4()
+
+
+class DeadLetter(models.Model):
+    """One rejected record: what it was, where it came from and why it failed."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="dead_letters")
+    pipeline = models.ForeignKey(
+        Pipeline, on_delete=models.CASCADE, related_name="dead_letters"
+    )
+    chunk_seq = models.PositiveIntegerField()
+    step = models.CharField(max_length=50, db_index=True)
+    error_class = models.CharField(max_length=50, default="record", db_index=True)
+    error = models.TextField()
+    payload = models.JSONField(help_text="The record's original source values.")
+    source_ref = models.CharField(max_length=500, blank=True, db_index=True)
+    attempts = models.PositiveIntegerField(default=1)
+    state = models.CharField(
+        max_length=10,
+        choices=DeadLetterState.choices,
+        default=DeadLetterState.OPEN,
+        db_index=True,
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["run", "chunk_seq"])]
+
+    def __str__(self) -> str:
+        return f"dead letter {self.pk} ({self.step}: {self.error[:40]})"

@@ -1,0 +1,43 @@
+"""The only place Celery chains are built and sent.
+
+A chunk is one chain of immutable signatures: extract -> transform -> load. Each
+step passes a reference (the staged batch key is derived from run, chunk and attempt
+token), never a payload, and never waits on another task's result.
+"""
+
+from __future__ import annotations
+
+from celery import chain, signature
+from django.db import transaction
+
+from config import correlation
+
+
+def _headers(correlation_id: str | None) -> dict[str, str]:
+    cid = correlation_id or correlation.current()
+    return {correlation.TASK_HEADER: cid} if cid else {}
+
+
+def chunk_chain(run_id: int, seq: int, token: str) -> chain:
+    args = (run_id, seq, token)
+    return chain(
+        signature("integration.extract_chunk", args=args, immutable=True),
+        signature("integration.transform_chunk", args=args, immutable=True),
+        signature("integration.load_chunk", args=args, immutable=True),
+    )
+
+
+def send_chunk(run_id: int, seq: int, token: str, correlation_id: str) -> None:
+    """Send a chunk's chain once the current transaction commits."""
+    sig = chunk_chain(run_id, seq, token)
+    transaction.on_commit(lambda: sig.apply_async(headers=_headers(correlation_id)))
+
+
+def send_plan(run_id: int, correlation_id: str) -> None:
+    sig = signature("integration.plan_run", args=(run_id,), immutable=True)
+    transaction.on_commit(lambda: sig.apply_async(headers=_headers(correlation_id)))
+
+
+def send_finalize(run_id: int, correlation_id: str) -> None:
+    sig = signature("integration.finalize_run", args=(run_id,), immutable=True)
+    transaction.on_commit(lambda: sig.apply_async(headers=_headers(correlation_id)))

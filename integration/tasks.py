@@ -1,0 +1,179 @@
+"""Celery tasks of a run. Thin: re-read the rows, call a service, return.
+
+Every task is idempotent and returns quietly when its run or chunk is gone,
+finished, or owned by a newer attempt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import structlog
+from celery import Task, shared_task
+from django.conf import settings
+
+from connectors.exceptions import (
+    ConfigError,
+    FencedError,
+    TerminalError,
+    TransientError,
+)
+from integration import runtime, services, staging
+
+logger = structlog.get_logger(__name__)
+
+_RETRY = {
+    "autoretry_for": (TransientError,),
+    "retry_backoff": 2,
+    "retry_backoff_max": 300,
+    "retry_jitter": True,
+    "max_retries": 8,
+}
+_LIMITS = {
+    "soft_time_limit": settings.CELERY_TASK_SOFT_TIME_LIMIT,
+    "time_limit": settings.CELERY_TASK_TIME_LIMIT,
+}
+
+
+class RunTask(Task):
+    """Fails the run when a task gives up (terminal error or retries exhausted)."""
+
+    abstract = True
+    acks_late = True
+    reject_on_worker_lost = True
+
+    def on_failure(
+        self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        run_id = args[0] if args else kwargs.get("run_id")
+        if run_id is None:
+            return
+        where = f"chunk {args[1]} " if len(args) > 1 else ""
+        message = str(exc) if isinstance(exc, ConfigError | TerminalError) else ""
+        reason = f"{self.name} {where}failed: {type(exc).__name__}"
+        services.fail_run(run_id, f"{reason}: {message}" if message else reason)
+
+
+def _key(attempt: services.Attempt, part: str) -> str:
+    return staging.key(attempt.run_id, attempt.seq, attempt.token, part)
+
+
+@shared_task(name="integration.plan_run", base=RunTask, bind=True, **_RETRY, **_LIMITS)
+def plan_run(self: Task, run_id: int) -> None:
+    services.plan_run(run_id)
+
+
+@shared_task(
+    name="integration.extract_chunk", base=RunTask, bind=True, **_RETRY, **_LIMITS
+)
+def extract_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
+    attempt = services.begin_attempt(run_id, seq, token, mark_running=True)
+    if attempt is None:
+        return
+    from connectors.base import Chunk
+
+    spec = attempt.version_spec["source"]
+    source = runtime.open_source(spec["connector"])
+    try:
+        batches = list(source.read(spec["options"], Chunk(seq, attempt.chunk_spec)))
+    finally:
+        source.close()
+    table = pa.Table.from_batches(batches) if batches else pa.table({})
+    size = staging.stage().put(_key(attempt, "extract"), table)
+    logger.info("chunk_extracted", rows=table.num_rows, staged_bytes=size)
+
+
+@shared_task(
+    name="integration.transform_chunk", base=RunTask, bind=True, **_RETRY, **_LIMITS
+)
+def transform_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
+    attempt = services.begin_attempt(run_id, seq, token, mark_running=False)
+    if attempt is None:
+        return
+    stage = staging.stage()
+    table = stage.get(_key(attempt, "extract"))
+    if table is None:
+        services.restart_chunk(run_id, seq, token, "extracted batch missing")
+        return
+    output, rejected, filtered = transform_table(attempt.version_id, table)
+    meta = {b"dis.rows_in": str(table.num_rows).encode(), b"dis.filtered": str(filtered).encode()}
+    stage.put(_key(attempt, "output"), output.replace_schema_metadata(meta))
+    stage.put(_key(attempt, "rejected"), rejected)
+    stage.delete(_key(attempt, "extract"))
+    logger.info(
+        "chunk_transformed",
+        rows_in=table.num_rows,
+        rows_out=output.num_rows,
+        rejected=rejected.num_rows,
+        filtered=filtered,
+    )
+
+
+def transform_table(version_id: int, table: pa.Table) -> tuple[pa.Table, pa.Table, int]:
+    """Run the compiled version over a chunk; rows the reader flagged are rejected."""
+    compiled = runtime.compiled_version(version_id)
+    unreadable = None
+    if "_read_error" in table.column_names:
+        import pyarrow.compute as pc
+
+        bad = pc.is_valid(table.column("_read_error"))
+        if pc.any(bad).as_py():
+            unreadable = table.filter(bad)
+            table = table.filter(pc.invert(bad))
+        table = table.drop_columns(
+            [c for c in ("_read_error", "_raw") if c in table.column_names]
+        )
+    result = compiled.run(table)
+    rejected = result.rejected
+    if unreadable is not None and unreadable.num_rows:
+        errors = unreadable.column("_read_error")
+        keep = [c for c in unreadable.column_names if c not in ("_read_error",)]
+        extra = unreadable.select(keep).append_column("_error", errors)
+        extra = extra.append_column(
+            "_step", pa.array(["read"] * unreadable.num_rows, pa.string())
+        )
+        rejected = pa.concat_tables([rejected, extra], promote_options="permissive")
+    return result.output, rejected, result.filtered
+
+
+@shared_task(name="integration.load_chunk", base=RunTask, bind=True, **_RETRY, **_LIMITS)
+def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
+    attempt = services.begin_attempt(run_id, seq, token, mark_running=False)
+    if attempt is None:
+        return
+    stage = staging.stage()
+    keys = (_key(attempt, "output"), _key(attempt, "rejected"))
+    output, rejected = stage.get(keys[0]), stage.get(keys[1])
+    if output is None or rejected is None:
+        services.restart_chunk(run_id, seq, token, "transformed batch missing")
+        return
+    meta = output.schema.metadata or {}
+    spec = attempt.version_spec["sink"]
+    sink = runtime.open_sink(spec["connector"])
+    try:
+        result = sink.write(
+            spec["options"],
+            output.replace_schema_metadata(None),
+            run_id=run_id,
+            chunk_seq=seq,
+            fence=lambda: services.token_is_current(run_id, seq, token),
+        )
+    except FencedError:
+        logger.info("chunk_write_fenced")
+        return
+    finally:
+        sink.close()
+    counts = services.ChunkCounts(
+        read=int(meta.get(b"dis.rows_in", b"0")),
+        written=result.rows_written,
+        rejected=rejected.num_rows,
+        filtered=int(meta.get(b"dis.filtered", b"0")),
+    )
+    services.complete_chunk(attempt, counts, rejected)
+    stage.delete(*keys)
+
+
+@shared_task(name="integration.finalize_run", base=RunTask, bind=True, **_RETRY, **_LIMITS)
+def finalize_run(self: Task, run_id: int) -> None:
+    services.finalize_run(run_id)

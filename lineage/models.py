@@ -1,0 +1,1 @@
+"""Datasets and lineage edges (built out by the lineage work)."""

@@ -1,0 +1,1 @@
+"""Versioned schemas and mappings (built out by the transforms issue)."""
