@@ -26,7 +26,9 @@ def _setup_logging(**kwargs: Any) -> None:
 
 
 @signals.before_task_publish.connect
-def _add_correlation_header(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+def _add_correlation_header(
+    headers: dict[str, Any] | None = None, **kwargs: Any
+) -> None:
     from config import correlation
 
     if headers is not None and not headers.get(correlation.TASK_HEADER):
@@ -36,7 +38,9 @@ def _add_correlation_header(headers: dict[str, Any] | None = None, **kwargs: Any
 
 
 @signals.task_prerun.connect
-def _bind_correlation(task: Any = None, task_id: str | None = None, **kwargs: Any) -> None:
+def _bind_correlation(
+    task: Any = None, task_id: str | None = None, **kwargs: Any
+) -> None:
     from config import correlation
 
     structlog.contextvars.clear_contextvars()

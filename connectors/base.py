@@ -130,7 +130,7 @@ class Sink:
         raise NotImplementedError
 
     def prepare(self, options: dict[str, Any], schema: pa.Schema) -> None:
-        """Create (or check) the target for data of `schema` (without system columns)."""
+        """Create (or check) the target for `schema` (data columns, no system ones)."""
         raise NotImplementedError
 
     def write(
@@ -142,7 +142,7 @@ class Sink:
         chunk_seq: int,
         fence: Fence,
     ) -> WriteResult:
-        """Write `batch` for (run_id, chunk_seq), replacing what an earlier attempt wrote.
+        """Write `batch` for (run_id, chunk_seq), replacing an earlier attempt's rows.
 
         `batch` has the data columns plus `_source_ref`. The implementation serialises
         attempts of the same chunk, calls `fence()` before committing and raises
@@ -195,7 +195,9 @@ class Plugin:
             error = ConfigError(
                 f"secret field(s) {', '.join(leaked)} belong in a credential"
             )
-            error.errors = {name: ["Put this secret in a credential."] for name in leaked}
+            error.errors = {
+                name: ["Put this secret in a credential."] for name in leaked
+            }
             raise error
         merged = dict(config)
         for name, value in (secrets or {}).items():

@@ -17,7 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 
 class DecryptionError(Exception):
-    """A ciphertext matches none of the configured keys (the message holds no secret)."""
+    """No configured key decrypts a ciphertext (the message holds no secret)."""
 
 
 @dataclass(frozen=True)

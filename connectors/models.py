@@ -36,6 +36,9 @@ class Credential(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def __repr__(self) -> str:
+        return f"<Credential {self.name} fields={self.field_names}>"
+
     def set_secrets(self, secrets: dict[str, str]) -> None:
         """Encrypt `secrets` (field name -> value) into this row (not saved)."""
         self.ciphertext, self.key_id = keyring().encrypt(orjson.dumps(secrets))
@@ -46,9 +49,6 @@ class Credential(models.Model):
         if not self.ciphertext:
             return {}
         return orjson.loads(keyring().decrypt(self.ciphertext))  # type: ignore[no-any-return]
-
-    def __repr__(self) -> str:
-        return f"<Credential {self.name} fields={self.field_names}>"
 
 
 class Connector(models.Model):
@@ -93,7 +93,11 @@ class Connector(models.Model):
         except ConfigError as exc:
             errors = getattr(exc, "errors", None) or {"config": [str(exc)]}
             raise ValidationError(
-                {"config": [f"{k}: {', '.join(map(str, v))}" for k, v in errors.items()]}
+                {
+                    "config": [
+                        f"{k}: {', '.join(map(str, v))}" for k, v in errors.items()
+                    ]
+                }
             ) from None
 
     def _secrets_for_validation(self) -> dict[str, str]:
@@ -101,7 +105,9 @@ class Connector(models.Model):
 
     def loaded_config(self) -> dict[str, Any]:
         """The plugin config with the credential's secrets merged in (for plugins)."""
-        return self.plugin.load_config(self.config or {}, self._secrets_for_validation())
+        return self.plugin.load_config(
+            self.config or {}, self._secrets_for_validation()
+        )
 
     def open_source(self) -> Any:
         return self.plugin.source(self.loaded_config())

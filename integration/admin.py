@@ -45,7 +45,9 @@ class PipelineAdmin(admin.ModelAdmin):
     def version_number(self, obj: Pipeline) -> int | None:
         return obj.current_version.number if obj.current_version else None
 
-    def save_model(self, request: HttpRequest, obj: Pipeline, form: Any, change: bool) -> None:
+    def save_model(
+        self, request: HttpRequest, obj: Pipeline, form: Any, change: bool
+    ) -> None:
         super().save_model(request, obj, form, change)
         services.freeze_version(obj)
 
@@ -118,14 +120,29 @@ class RunAdmin(ReadOnlyAdmin):
 
 @admin.register(ChunkRun)
 class ChunkRunAdmin(ReadOnlyAdmin):
-    list_display = ["run", "seq", "state", "attempts", "records_read", "records_written"]
+    list_display = [
+        "run",
+        "seq",
+        "state",
+        "attempts",
+        "records_read",
+        "records_written",
+    ]
     list_filter = ["state"]
     search_fields = ["=run__id", "run__pipeline__name"]
 
 
 @admin.register(DeadLetter)
 class DeadLetterAdmin(ReadOnlyAdmin):
-    list_display = ["id", "pipeline", "run", "step", "error_short", "source_ref", "state"]
+    list_display = [
+        "id",
+        "pipeline",
+        "run",
+        "step",
+        "error_short",
+        "source_ref",
+        "state",
+    ]
     list_filter = ["state", "step", "error_class", "pipeline"]
     search_fields = ["error", "source_ref", "=run__id"]
     date_hierarchy = "created_at"

@@ -141,20 +141,22 @@ class PipelineVersion(models.Model):
     def __str__(self) -> str:
         return f"{self.pipeline.name} v{self.number} ({self.content_hash[:8]})"
 
-    @staticmethod
-    def hash_spec(spec: dict[str, Any]) -> str:
-        return hashlib.sha256(canonical_json(spec)).hexdigest()
-
     def save(self, *args: Any, **kwargs: Any) -> None:
         if self.pk is not None:
             raise ValidationError("a pipeline version is immutable")
         super().save(*args, **kwargs)
 
+    @staticmethod
+    def hash_spec(spec: dict[str, Any]) -> str:
+        return hashlib.sha256(canonical_json(spec)).hexdigest()
+
 
 class Run(models.Model):
     """One execution of a pipeline version, with its counts and state."""
 
-    pipeline = models.ForeignKey(Pipeline, on_delete=models.PROTECT, related_name="runs")
+    pipeline = models.ForeignKey(
+        Pipeline, on_delete=models.PROTECT, related_name="runs"
+    )
     version = models.ForeignKey(
         PipelineVersion, on_delete=models.PROTECT, related_name="runs"
     )

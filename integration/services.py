@@ -30,7 +30,7 @@ from integration.choices import (
     RunState,
     RunTrigger,
 )
-from integration.exceptions import PipelineInvalidError, PipelinePausedError
+from integration.exceptions import PipelinePausedError
 from integration.models import ChunkRun, DeadLetter, Pipeline, PipelineVersion, Run
 
 logger = structlog.get_logger(__name__)
@@ -90,7 +90,9 @@ def freeze_version(pipeline: Pipeline) -> PipelineVersion:
                 spec=spec,
             )
             logger.info(
-                "pipeline_version_created", pipeline=pipeline.name, version=version.number
+                "pipeline_version_created",
+                pipeline=pipeline.name,
+                version=version.number,
             )
         if pipeline.current_version_id != version.pk:
             pipeline.current_version = version
@@ -186,7 +188,9 @@ def plan_run(run_id: int) -> None:
         fingerprint = source.fingerprint(spec["source"]["options"]) or ""
         chunks = [
             ChunkRun(run_id=run_id, seq=c.seq, spec=c.spec)
-            for c in source.plan(spec["source"]["options"], chunk_rows=spec["chunk_rows"])
+            for c in source.plan(
+                spec["source"]["options"], chunk_rows=spec["chunk_rows"]
+            )
         ]
         sink.prepare(spec["sink"]["options"], compiled.output_schema)
     finally:
@@ -256,7 +260,9 @@ class Attempt:
     correlation_id: str
 
 
-def begin_attempt(run_id: int, seq: int, token: str, *, mark_running: bool) -> Attempt | None:
+def begin_attempt(
+    run_id: int, seq: int, token: str, *, mark_running: bool
+) -> Attempt | None:
     """The attempt's context, or None when it is stale (superseded, finished, stopped).
 
     A stale attempt returns quietly: a newer attempt or the end of the run owns it.
@@ -322,7 +328,9 @@ def restart_chunk(run_id: int, seq: int, token: str, reason: str) -> bool:
 
 def skip_chunk(run_id: int, seq: int, token: str | None = None) -> None:
     """Mark a chunk of a stopped run as skipped (nothing of it is committed by us)."""
-    qs = ChunkRun.objects.filter(run_id=run_id, seq=seq).exclude(state__in=CHUNK_FINISHED)
+    qs = ChunkRun.objects.filter(run_id=run_id, seq=seq).exclude(
+        state__in=CHUNK_FINISHED
+    )
     if token is not None:
         qs = qs.filter(attempt_token=token)
     qs.update(state=ChunkState.SKIPPED, finished_at=timezone.now())
@@ -365,9 +373,7 @@ def dead_letters_from(
     ]
 
 
-def complete_chunk(
-    attempt: Attempt, counts: ChunkCounts, rejected: pa.Table
-) -> bool:
+def complete_chunk(attempt: Attempt, counts: ChunkCounts, rejected: pa.Table) -> bool:
     """Record a committed chunk exactly once; refill the window or finalize.
 
     Returns False when another attempt already completed the chunk (or this one was
@@ -420,7 +426,8 @@ def complete_chunk(
                 RunState.FAILED,
                 f"rejected ratio {run.rejected_ratio:.4f} is above the pipeline's "
                 f"limit {limit} after {run.chunks_done} of {run.chunks_total} chunks; "
-                f"{run.records_written} rows committed by those chunks stay in the sink",
+                f"{run.records_written} rows committed by those chunks stay in the "
+                "sink",
             )
         elif not ChunkRun.objects.filter(run_id=run_id).unfinished().exists():
             orchestration.send_finalize(run_id, run.correlation_id)

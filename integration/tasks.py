@@ -97,7 +97,10 @@ def transform_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
         services.restart_chunk(run_id, seq, token, "extracted batch missing")
         return
     output, rejected, filtered = transform_table(attempt.version_id, table)
-    meta = {b"dis.rows_in": str(table.num_rows).encode(), b"dis.filtered": str(filtered).encode()}
+    meta = {
+        b"dis.rows_in": str(table.num_rows).encode(),
+        b"dis.filtered": str(filtered).encode(),
+    }
     stage.put(_key(attempt, "output"), output.replace_schema_metadata(meta))
     stage.put(_key(attempt, "rejected"), rejected)
     stage.delete(_key(attempt, "extract"))
@@ -137,7 +140,9 @@ def transform_table(version_id: int, table: pa.Table) -> tuple[pa.Table, pa.Tabl
     return result.output, rejected, result.filtered
 
 
-@shared_task(name="integration.load_chunk", base=RunTask, bind=True, **_RETRY, **_LIMITS)
+@shared_task(
+    name="integration.load_chunk", base=RunTask, bind=True, **_RETRY, **_LIMITS
+)
 def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     attempt = services.begin_attempt(run_id, seq, token, mark_running=False)
     if attempt is None:
@@ -174,6 +179,8 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     stage.delete(*keys)
 
 
-@shared_task(name="integration.finalize_run", base=RunTask, bind=True, **_RETRY, **_LIMITS)
+@shared_task(
+    name="integration.finalize_run", base=RunTask, bind=True, **_RETRY, **_LIMITS
+)
 def finalize_run(self: Task, run_id: int) -> None:
     services.finalize_run(run_id)

@@ -9,8 +9,8 @@ os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/14")
 os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("LOG_LEVEL", "INFO")
 
-from config.settings.base import *  # noqa: E402, F403
-from config.settings.base import LOCAL_DIR  # noqa: E402
+from config.settings.base import *  # noqa: F403
+from config.settings.base import LOCAL_DIR
 
 SECRET_KEY = "test-only-not-secret"  # noqa: S105
 DIS_ENCRYPTION_KEYS = os.environ.get(

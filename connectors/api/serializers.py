@@ -46,7 +46,9 @@ class CredentialSerializer(serializers.ModelSerializer):
         credential.save()
         return credential
 
-    def update(self, instance: Credential, validated_data: dict[str, Any]) -> Credential:
+    def update(
+        self, instance: Credential, validated_data: dict[str, Any]
+    ) -> Credential:
         secrets = validated_data.pop("secrets", None)
         for key, value in validated_data.items():
             setattr(instance, key, value)
@@ -114,9 +116,7 @@ class ConnectorSerializer(serializers.ModelSerializer):
             plugin.load_config(config, credential.get_secrets() if credential else {})
         except ConfigError as exc:
             errors = getattr(exc, "errors", None) or {"config": [str(exc)]}
-            raise serializers.ValidationError(
-                {"config": {k: v for k, v in errors.items()}}
-            ) from None
+            raise serializers.ValidationError({"config": dict(errors)}) from None
         return attrs
 
 

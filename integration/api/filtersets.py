@@ -23,8 +23,12 @@ class RunFilter(filters.FilterSet):
     state = filters.MultipleChoiceFilter(choices=RunState.choices)
     kind = filters.ChoiceFilter(choices=RunKind.choices)
     trigger = filters.ChoiceFilter(choices=RunTrigger.choices)
-    created_after = filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    created_after = filters.IsoDateTimeFilter(
+        field_name="created_at", lookup_expr="gte"
+    )
+    created_before = filters.IsoDateTimeFilter(
+        field_name="created_at", lookup_expr="lt"
+    )
 
     class Meta:
         model = Run
@@ -34,8 +38,12 @@ class RunFilter(filters.FilterSet):
 class DeadLetterFilter(filters.FilterSet):
     pipeline = filters.CharFilter(field_name="pipeline__name")
     state = filters.ChoiceFilter(choices=DeadLetterState.choices)
-    created_after = filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    created_after = filters.IsoDateTimeFilter(
+        field_name="created_at", lookup_expr="gte"
+    )
+    created_before = filters.IsoDateTimeFilter(
+        field_name="created_at", lookup_expr="lt"
+    )
 
     class Meta:
         model = DeadLetter

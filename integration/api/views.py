@@ -69,16 +69,19 @@ class RunViewSet(viewsets.ReadOnlyModelViewSet):
     def dead_letters(self, request: Request, pk: str | None = None) -> Response:
         """The run's dead letters, paginated."""
         run = self.get_object()
-        qs = DeadLetter.objects.filter(run=run).select_related("pipeline").order_by("id")
+        qs = (
+            DeadLetter.objects.filter(run=run).select_related("pipeline").order_by("id")
+        )
         page = self.paginate_queryset(qs)
         return self.get_paginated_response(DeadLetterSerializer(page, many=True).data)
 
 
-class DeadLetterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class DeadLetterViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
+):
     """Dead letters: rejected records with their error, step and source reference."""
 
     queryset = DeadLetter.objects.select_related("pipeline")
     serializer_class = DeadLetterSerializer
     filterset_class = DeadLetterFilter
     ordering_fields = ["id", "created_at"]
-
