@@ -1,0 +1,466 @@
+"""The `postgres` sink against the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import math
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from psycopg import sql
+
+from connectors.base import SOURCE_REF_COLUMN
+from connectors.exceptions import ConfigError, TerminalError, TransientError
+from connectors.plugins.files import FilesPlugin
+from connectors.plugins.sql import PostgresPlugin
+from connectors.plugins.sql.common import lock_key
+from connectors.plugins.sql.postgres import PostgresSink, redact
+from connectors.registry import get_plugin
+from tests.connectors.contract import SinkContract
+from tests.connectors.plugins.pgtools import PG_SETTINGS, pg_connect
+
+UTC = dt.UTC
+NAIVE = dt.datetime(1969, 12, 31, 23, 59, 59, 5)  # noqa: DTZ001 - a naive column
+
+
+def make_sink(config: dict[str, Any]) -> PostgresSink:
+    sink = PostgresPlugin.sink(config)
+    assert isinstance(sink, PostgresSink)
+    return sink
+
+
+def fetch(schema: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with pg_connect() as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+
+
+class TestPostgresSinkContract(SinkContract):
+    """The `postgres` sink passes the shared sink contract."""
+
+    @pytest.fixture
+    def sink(self, pg_config: dict[str, Any]) -> PostgresSink:
+        return make_sink(pg_config)
+
+    @pytest.fixture
+    def write_options(self, pg_schema: str) -> dict[str, Any]:
+        return {"table": "people", "schema": pg_schema, "write_mode": "append"}
+
+    @pytest.fixture
+    def sample(self) -> pa.Table:
+        return pa.table(
+            {
+                "name": ["Ann", "Bob", "Cy"],
+                "age": pa.array([31, None, 7], pa.int64()),
+                SOURCE_REF_COLUMN: ["p.csv#1", "p.csv#2", "p.csv#3"],
+            }
+        )
+
+    @pytest.fixture
+    def refs_of(self, pg_schema: str) -> Callable[[int, int], list[str]]:
+        def refs_of(run_id: int, chunk_seq: int) -> list[str]:
+            rows = fetch(
+                pg_schema,
+                "SELECT _source_ref FROM people WHERE _run_id = %s "
+                "AND _chunk_seq = %s ORDER BY 1",
+                run_id,
+                chunk_seq,
+            )
+            return [ref for (ref,) in rows]
+
+        return refs_of
+
+    @pytest.fixture
+    def wait_until_blocked(self, pg_schema: str) -> Callable[[], None]:
+        # The contract writes run 11, chunk 0 of table "people": the two-int lock is
+        # (classid, objid, objsubid) = (key1 as oid, chunk_seq, 2) in pg_locks.
+        key1 = lock_key(PG_SETTINGS["database"], pg_schema, "people", 11)
+
+        def wait() -> None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with pg_connect() as conn:
+                    waiting = conn.execute(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                        "AND NOT granted AND classid = %s::bigint::oid "
+                        "AND objid = 0 AND objsubid = 2",
+                        (key1 & 0xFFFFFFFF,),
+                    ).fetchone()
+                if waiting and waiting[0]:
+                    return
+                time.sleep(0.02)
+            pytest.fail("the second writer never waited for the chunk lock")
+
+        return wait
+
+
+def test_the_registry_finds_the_plugin() -> None:
+    assert get_plugin("postgres") is PostgresPlugin
+
+
+ALL_TYPES = pa.table(
+    {
+        "text": pa.array(["a", "", None, 'q"x', "l\nm", "c,d\\"]),
+        "ts_tz": pa.array(
+            [dt.datetime(2024, 1, 1, 10, 0, 0, 123456, tzinfo=UTC)] * 5 + [None],
+            pa.timestamp("us", "Europe/Paris"),
+        ),
+        "ts_ns": pa.array([1_700_000_000_123_456_789] * 6, pa.timestamp("ns", "UTC")),
+        "ts": pa.array([NAIVE] * 6, pa.timestamp("us")),
+        "f64": pa.array([1.5, math.nan, math.inf, -math.inf, 1e300, 0.1]),
+        "f32": pa.array([0.25] * 6, pa.float32()),
+        "i64": pa.array([2**62, None, 3, 4, 5, -6], pa.int64()),
+        "i32": pa.array([2**31 - 1] * 6, pa.int32()),
+        "i16": pa.array([-(2**15)] * 6, pa.int16()),
+        "flag": pa.array([True, False, None, True, True, False]),
+        "day": pa.array([dt.date(2024, 2, 29)] * 5 + [None]),
+        "amount": pa.array(
+            [decimal.Decimal("-123.45")] * 5 + [None], pa.decimal128(10, 2)
+        ),
+        "doc": pa.array(['{"a": [1, 2]}', None, "[]", "1", '"x"', "null"], pa.json_()),
+        "meta": pa.array(['{"k": "v"}'] * 6),
+        "kind": pa.array(["x", "y", "x", "y", "x", None]).dictionary_encode(),
+        SOURCE_REF_COLUMN: [f"f.csv#{n}" for n in range(1, 7)],
+    }
+)
+ALL_TYPES = ALL_TYPES.set_column(
+    ALL_TYPES.schema.get_field_index("meta"),
+    pa.field("meta", pa.string(), metadata={"dis.type": "json"}),
+    ALL_TYPES.column("meta"),
+)
+
+
+def test_every_type_round_trips(pg_config: dict[str, Any], pg_schema: str) -> None:
+    sink = make_sink(pg_config)
+    options = {"table": "all_types", "schema": pg_schema}
+    sink.prepare(options, ALL_TYPES.schema)
+
+    sink.write(options, ALL_TYPES, run_id=1, chunk_seq=0, fence=lambda: True)
+
+    columns = dict(
+        fetch(
+            pg_schema,
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = %s AND table_name = 'all_types'",
+            pg_schema,
+        )
+    )
+    assert columns == {
+        "text": "text",
+        "ts_tz": "timestamp with time zone",
+        "ts_ns": "timestamp with time zone",
+        "ts": "timestamp without time zone",
+        "f64": "double precision",
+        "f32": "real",
+        "i64": "bigint",
+        "i32": "integer",
+        "i16": "smallint",
+        "flag": "boolean",
+        "day": "date",
+        "amount": "numeric",
+        "doc": "jsonb",
+        "meta": "jsonb",
+        "kind": "text",
+        "_run_id": "bigint",
+        "_chunk_seq": "integer",
+        "_source_ref": "text",
+    }
+    rows = fetch(
+        pg_schema,
+        "SELECT text, text IS NULL, ts_tz, ts_ns, ts, f64::text, f32, i64, i32, i16, "
+        "flag, day, amount, doc IS NULL, doc::text, meta->>'k', kind, _run_id, "
+        "_chunk_seq FROM all_types ORDER BY _source_ref",
+    )
+    ts_tz = dt.datetime(2024, 1, 1, 10, 0, 0, 123456, tzinfo=UTC)
+    ts_ns = dt.datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC)
+    amount = decimal.Decimal("-123.45")
+    common = (ts_ns, NAIVE)
+    assert rows == [
+        ("a", False, ts_tz, *common, "1.5", 0.25, 2**62, 2**31 - 1, -(2**15), True,
+         dt.date(2024, 2, 29), amount, False, '{"a": [1, 2]}', "v", "x", 1, 0),
+        ("", False, ts_tz, *common, "NaN", 0.25, None, 2**31 - 1, -(2**15), False,
+         dt.date(2024, 2, 29), amount, True, None, "v", "y", 1, 0),
+        (None, True, ts_tz, *common, "Infinity", 0.25, 3, 2**31 - 1, -(2**15), None,
+         dt.date(2024, 2, 29), amount, False, "[]", "v", "x", 1, 0),
+        ('q"x', False, ts_tz, *common, "-Infinity", 0.25, 4, 2**31 - 1, -(2**15),
+         True, dt.date(2024, 2, 29), amount, False, "1", "v", "y", 1, 0),
+        ("l\nm", False, ts_tz, *common, "1e+300", 0.25, 5, 2**31 - 1, -(2**15), True,
+         dt.date(2024, 2, 29), amount, False, '"x"', "v", "x", 1, 0),
+        ("c,d\\", False, None, *common, "0.1", 0.25, -6, 2**31 - 1, -(2**15), False,
+         None, None, False, "null", "v", None, 1, 0),
+    ]  # fmt: skip
+
+
+def test_more_numeric_and_time_types_round_trip(
+    pg_config: dict[str, Any], pg_schema: str
+) -> None:
+    table = pa.table(
+        {
+            "t64": pa.array([dt.time(10, 1, 2, 3), None], pa.time64("us")),
+            "t32": pa.array([dt.time(23, 59, 59), None], pa.time32("s")),
+            "d64": pa.array([dt.date(2020, 1, 1), None], pa.date64()),
+            "f16": pa.array([1.5, None], pa.float16()),
+            "u8": pa.array([255, None], pa.uint8()),
+            "u64": pa.array([2**64 - 1, None], pa.uint64()),
+            "ts_ms": pa.array(
+                [dt.datetime(2024, 5, 5, 1, 2, 3, 456000, tzinfo=UTC), None],
+                pa.timestamp("ms", "America/New_York"),
+            ),
+            SOURCE_REF_COLUMN: ["r#1", "r#2"],
+        }
+    )
+    sink = make_sink(pg_config)
+    options = {"table": "more", "schema": pg_schema}
+    sink.prepare(options, table.schema)
+
+    sink.write(options, table, run_id=1, chunk_seq=0, fence=lambda: True)
+
+    assert fetch(
+        pg_schema, "SELECT t64, t32, d64, f16, u8, u64, ts_ms FROM more ORDER BY 1"
+    ) == [
+        (
+            dt.time(10, 1, 2, 3),
+            dt.time(23, 59, 59),
+            dt.date(2020, 1, 1),
+            1.5,
+            255,
+            decimal.Decimal(2**64 - 1),
+            dt.datetime(2024, 5, 5, 1, 2, 3, 456000, tzinfo=UTC),
+        ),
+        (None, None, None, None, None, None, None),
+    ]
+
+
+def test_permission_denied_is_terminal(
+    pg_config: dict[str, Any], pg_schema: str
+) -> None:
+    role = f"test_plugins_{uuid.uuid4().hex[:12]}"
+    with pg_connect() as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        make_sink(pg_config).prepare(
+            {"table": "t", "schema": pg_schema}, pa.schema([("x", pa.string())])
+        )
+        sink = make_sink({**pg_config, "user": role})
+
+        with pytest.raises(TerminalError, match="permission denied"):
+            sink.write(
+                {"table": "t", "schema": pg_schema},
+                pa.table({"x": ["a"]}),
+                run_id=1,
+                chunk_seq=0,
+                fence=lambda: True,
+            )
+    finally:
+        with pg_connect() as conn:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_csv_from_the_files_source_lands_with_null_and_empty_kept_apart(
+    tmp_path: Path, pg_config: dict[str, Any], pg_schema: str
+) -> None:
+    (tmp_path / "in.csv").write_bytes(b'a,b\n1,""\n,x\n"multi\nline",\n')
+    source = FilesPlugin.source(FilesPlugin.load_config({"root": str(tmp_path)}))
+    chunk = next(source.plan({"path": "in.csv"}, chunk_rows=10))
+    batch = pa.Table.from_batches(source.read({"path": "in.csv"}, chunk))
+    batch = batch.select(["a", "b", SOURCE_REF_COLUMN])
+    sink = make_sink(pg_config)
+    options = {"table": "from_csv", "schema": pg_schema}
+    sink.prepare(options, batch.schema)
+
+    sink.write(options, batch, run_id=3, chunk_seq=0, fence=lambda: True)
+
+    assert fetch(pg_schema, "SELECT a, b, _source_ref FROM from_csv ORDER BY 3") == [
+        ("1", "", "in.csv#1"),
+        (None, "x", "in.csv#2"),
+        ("multi\nline", None, "in.csv#3"),
+    ]
+
+
+def test_prepare_creates_the_run_chunk_index(
+    pg_config: dict[str, Any], pg_schema: str
+) -> None:
+    make_sink(pg_config).prepare(
+        {"table": "t", "schema": pg_schema}, pa.schema([("x", pa.string())])
+    )
+
+    assert fetch(
+        pg_schema,
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND tablename = 't'",
+        pg_schema,
+    ) == [
+        (
+            f"CREATE INDEX t_run_chunk_idx ON {pg_schema}.t "
+            "USING btree (_run_id, _chunk_seq)",
+        )
+    ]
+
+
+def test_prepare_refuses_an_existing_table_that_lacks_columns(
+    pg_config: dict[str, Any], pg_schema: str
+) -> None:
+    with pg_connect() as conn:
+        conn.execute(
+            sql.SQL("CREATE TABLE {} (x text, _run_id bigint)").format(
+                sql.Identifier(pg_schema, "old")
+            )
+        )
+    schema = pa.schema([("x", pa.string()), ("y", pa.int64())])
+
+    with pytest.raises(
+        TerminalError, match="lacks column\\(s\\) y, _chunk_seq, _source_ref"
+    ):
+        make_sink(pg_config).prepare({"table": "old", "schema": pg_schema}, schema)
+
+
+def test_prepare_in_a_missing_schema_is_terminal(pg_config: dict[str, Any]) -> None:
+    options = {"table": "t", "schema": f"missing_{uuid.uuid4().hex[:8]}"}
+
+    with pytest.raises(TerminalError, match="does not exist"):
+        make_sink(pg_config).prepare(options, pa.schema([("x", pa.string())]))
+
+
+def test_writing_to_a_missing_table_is_terminal(
+    pg_config: dict[str, Any], pg_schema: str
+) -> None:
+    batch = pa.table({"x": ["a"], SOURCE_REF_COLUMN: ["r#1"]})
+
+    with pytest.raises(TerminalError, match="does not exist"):
+        make_sink(pg_config).write(
+            {"table": "nope", "schema": pg_schema},
+            batch,
+            run_id=1,
+            chunk_seq=0,
+            fence=lambda: True,
+        )
+
+
+def test_an_unmappable_type_is_a_config_error(
+    pg_config: dict[str, Any], pg_schema: str
+) -> None:
+    schema = pa.schema([("blob", pa.binary())])
+
+    with pytest.raises(ConfigError, match="blob"):
+        make_sink(pg_config).prepare({"table": "t", "schema": pg_schema}, schema)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_failing_connection_never_shows_the_password() -> None:
+    password = f"pw-{uuid.uuid4().hex}"
+    config = PostgresPlugin.load_config(
+        {**PG_SETTINGS, "port": _free_port(), "connect_timeout": 2},
+        {"password": password},
+    )
+    sink = make_sink(config)
+
+    result = sink.check()
+    with pytest.raises(TransientError) as caught:
+        sink.write(
+            {"table": "t"},
+            pa.table({"x": ["a"]}),
+            run_id=1,
+            chunk_seq=0,
+            fence=lambda: True,
+        )
+
+    assert result.ok is False
+    assert f"127.0.0.1:{config['port']}/postgres" in result.message
+    assert "refused" in result.message
+    assert password not in result.message
+    assert password not in "".join(traceback.format_exception(caught.value))
+
+
+def test_an_unknown_database_is_terminal(pg_config: dict[str, Any]) -> None:
+    sink = make_sink({**pg_config, "database": f"nope_{uuid.uuid4().hex[:8]}"})
+
+    with pytest.raises(TerminalError, match="does not exist"):
+        sink.write(
+            {"table": "t"},
+            pa.table({"x": ["a"]}),
+            run_id=1,
+            chunk_seq=0,
+            fence=lambda: True,
+        )
+    assert sink.check().ok is False
+
+
+def test_check_reports_the_server(pg_config: dict[str, Any]) -> None:
+    result = make_sink(pg_config).check()
+
+    assert result.ok is True
+    assert result.message.startswith(
+        f"connected to {PG_SETTINGS['host']}:{PG_SETTINGS['port']}/"
+        f"{PG_SETTINGS['database']} as {PG_SETTINGS['user']} (PostgreSQL "
+    )
+
+
+def test_dataset_name(pg_config: dict[str, Any]) -> None:
+    name = make_sink(pg_config).dataset_name({"table": "flights", "schema": "raw"})
+
+    assert name == (
+        f"postgres://{PG_SETTINGS['host']}:{PG_SETTINGS['port']}/"
+        f"{PG_SETTINGS['database']}.raw.flights"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        pytest.param({"host": "/var/run/postgresql"}, "host", id="socket-path"),
+        pytest.param({"host": "db host=evil"}, "host", id="dsn-fragment"),
+        pytest.param({"port": 0}, "port", id="port"),
+        pytest.param({"sslmode": "maybe"}, "sslmode", id="sslmode"),
+    ],
+)
+def test_invalid_config_is_refused(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        PostgresPlugin.load_config({**PG_SETTINGS, **change})
+
+    assert list(caught.value.errors) == [field]
+
+
+def test_a_password_in_the_config_is_refused() -> None:
+    with pytest.raises(ConfigError, match="credential"):
+        PostgresPlugin.load_config({**PG_SETTINGS, "password": "x"})
+
+
+def test_the_password_is_a_secret_field() -> None:
+    assert PostgresPlugin.secret_fields() == ("password",)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        pytest.param({}, "table", id="no-table"),
+        pytest.param({"table": "t", "write_mode": "upsert"}, "write_mode", id="mode"),
+        pytest.param({"table": "x" * 64}, "table", id="long-name"),
+    ],
+)
+def test_invalid_write_options_are_refused(
+    pg_config: dict[str, Any], options: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_sink(pg_config).dataset_name(options)
+
+    assert list(caught.value.errors) == [field]
+
+
+def test_redact_removes_the_password_and_password_fragments() -> None:
+    text = "failed: host=h password='a b' user=u; also s3cret and password=s3cret"
+
+    assert redact(text, "s3cret") == (
+        "failed: host=h password=*** user=u; also *** and password=***"
+    )
