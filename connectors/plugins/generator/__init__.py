@@ -45,11 +45,16 @@ class GeneratorSource(Source):
             yield Chunk(seq, {"start": start, "stop": min(start + chunk_rows, total)})
 
     def read(self, options: dict[str, Any], chunk: Chunk) -> Iterator[pa.RecordBatch]:
-        ids = pc.cast(pa.array(range(chunk.spec["start"] + 1, chunk.spec["stop"] + 1)),
-                      pa.string())
+        ids = pc.cast(
+            pa.array(range(chunk.spec["start"] + 1, chunk.spec["stop"] + 1)),
+            pa.string(),
+        )
         yield pa.RecordBatch.from_arrays(
-            [ids, pc.binary_join_element_wise("row-", ids, ""),
-             pc.binary_join_element_wise("gen#", ids, "")],
+            [
+                ids,
+                pc.binary_join_element_wise("row-", ids, ""),
+                pc.binary_join_element_wise("gen#", ids, ""),
+            ],
             names=[*SCHEMA.names, SOURCE_REF_COLUMN],
         )
 
