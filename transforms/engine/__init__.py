@@ -1,0 +1,19 @@
+"""The pure record engine: Arrow batches in, Arrow batches out.
+
+A pipeline version's step list compiles once into one DuckDB query over the
+batch (see ``docs/transforms.md``). Nothing here imports Django.
+"""
+
+from __future__ import annotations
+
+from transforms.engine.compiler import CompiledPipeline, EngineResult, compile_steps
+from transforms.engine.exceptions import EngineError, InputSchemaError, StepConfigError
+
+__all__ = [
+    "CompiledPipeline",
+    "EngineError",
+    "EngineResult",
+    "InputSchemaError",
+    "StepConfigError",
+    "compile_steps",
+]

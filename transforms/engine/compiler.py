@@ -1,0 +1,446 @@
+"""Compiles a step list once and runs it over Arrow batches with DuckDB.
+
+``compile_steps`` checks the config and opens the pipeline's connection; the
+query itself is planned per input schema (once, then cached) because the cast
+of a mapped value depends on the type its expression yields. Each run
+registers the batch as a view (no copy), runs one query and splits its result
+into output and rejected rows with Arrow kernels: no per-record Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from transforms.engine.connection import connect, first_line
+from transforms.engine.exceptions import EngineError
+from transforms.engine.planner import (
+    BATCH_VIEW,
+    ERR,
+    RAISED,
+    RAISED_MARK,
+    RID,
+    STEP,
+    Constants,
+    Plan,
+    PlanBuilder,
+    check_input_schema,
+)
+from transforms.engine.steps import (
+    ERROR_COLUMN,
+    SOURCE_REF,
+    STEP_COLUMN,
+    MapStep,
+    Step,
+    parse_steps,
+)
+
+# Errors a single row can cause (a user's CAST, an overflow, error(), a
+# malformed JSON); the failing rows are then isolated. Anything else fails
+# the whole batch.
+ROW_ERRORS: tuple[type[Exception], ...] = (
+    duckdb.DataError,
+    duckdb.InvalidInputException,
+    duckdb.NotImplementedException,
+)
+# Rows of one batch whose DuckDB error message is looked up one by one; the
+# rest say RAISED_MARK.
+MAX_DIAGNOSED_ROWS = 100
+# Bisection (the fallback when TRY cannot be used) costs a few queries per
+# failing row; past this many the batch fails instead of crawling.
+MAX_BISECTED_ROWS = 100
+
+_SchemaKey = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class EngineResult:
+    """What one batch became.
+
+    Attributes:
+        output: the output schema's columns, then ``_source_ref``.
+        rejected: the input columns as received, then ``_error`` (the
+            messages, ``; ``-separated) and ``_step`` (the first failing step:
+            ``map``, ``filter`` or ``validate``).
+        filtered: rows dropped by filter steps (counted, not rejected).
+        rows_in: rows in the input batch.
+    """
+
+    output: pa.Table
+    rejected: pa.Table
+    filtered: int
+    rows_in: int
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A row isolated by bisection: it makes the query raise on its own."""
+
+    rid: int
+    step: str
+    message: str
+
+
+class CompiledPipeline:
+    """A step list compiled for DuckDB, reused across many batches.
+
+    Owns one locked-down in-memory DuckDB connection. Not thread-safe: use one
+    per worker process or thread, and ``close()`` it when done (or use it as a
+    context manager).
+    """
+
+    def __init__(
+        self,
+        steps: Sequence[Step],
+        *,
+        timezone: str = "UTC",
+        threads: int = 1,
+        memory_limit: str = "1GB",
+        input_schema: pa.Schema | None = None,
+    ) -> None:
+        self.steps = list(steps)
+        self.timezone = timezone
+        self._con: duckdb.DuckDBPyConnection | None = connect(
+            timezone=timezone, threads=threads, memory_limit=memory_limit
+        )
+        self._plans: dict[_SchemaKey, Plan] = {}
+        self._safe_plans: dict[_SchemaKey, Plan | None] = {}
+        maps = [step for step in self.steps if isinstance(step, MapStep)]
+        self._static_schema = (
+            pa.schema([f.type.arrow_field(f.name) for f in maps[-1].fields])
+            if maps
+            else None
+        )
+        try:
+            self._constants = Constants(self.con, self.steps)
+            if input_schema is not None:
+                self._plan(_without_view_types(input_schema.empty_table()).schema)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The pipeline's open DuckDB connection."""
+        if self._con is None:
+            raise EngineError("the compiled pipeline is closed")
+        return self._con
+
+    @property
+    def output_schema(self) -> pa.Schema:
+        """The output's data columns (without ``_source_ref``).
+
+        Known at compile time from the last map step's field types. Without a
+        map step the output is the input's columns: known once ``input_schema``
+        was given to ``compile_steps`` or a batch has run.
+
+        Raises:
+            EngineError: no map step, and no input schema known yet.
+        """
+        if self._static_schema is not None:
+            return self._static_schema
+        if self._plans:
+            schema = next(iter(self._plans.values())).output_schema
+            return schema.remove(schema.get_field_index(SOURCE_REF))
+        raise EngineError(
+            "without a map step the output schema is the input's: "
+            "pass input_schema to compile_steps or run a batch first"
+        )
+
+    def run(self, batch: pa.RecordBatch | pa.Table) -> EngineResult:
+        """Run the pipeline over one batch.
+
+        Args:
+            batch: the source records, with a ``_source_ref`` column.
+
+        Returns:
+            The output rows, the rejected rows (with their original values) and
+            the counts.
+
+        Raises:
+            InputSchemaError: no ``_source_ref`` column, or a reserved name.
+            StepConfigError: an expression does not bind against the batch's
+                columns (checked once per new input schema).
+            EngineError: the query failed for a reason no row explains.
+        """
+        table = (
+            pa.Table.from_batches([batch])
+            if isinstance(batch, pa.RecordBatch)
+            else batch
+        )
+        table = _without_view_types(table)
+        plan = self._plan(table.schema)
+        rows_in = table.num_rows
+        work = table.append_column(RID, pa.array(np.arange(rows_in, dtype=np.int64)))
+        failures: list[_Failure] = []
+        try:
+            result = self._execute(plan, work)
+        except ROW_ERRORS:
+            result, failures = self._recover(table.schema, plan, work)
+
+        ok = pc.is_null(result.column(ERR))
+        output = result.filter(ok).select(plan.output_schema.names)
+        bad = result.filter(pc.invert(ok))
+        if pc.any(pc.is_valid(bad.column(RAISED))).as_py():
+            bad = self._diagnose_raised(table.schema, bad, work)
+        return EngineResult(
+            output=output.cast(plan.output_schema),
+            rejected=_rejected(table, bad, failures),
+            filtered=rows_in - result.num_rows - len(failures),
+            rows_in=rows_in,
+        )
+
+    def close(self) -> None:
+        """Release the DuckDB connection; the pipeline can no longer run."""
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+    def __enter__(self) -> CompiledPipeline:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- plans
+
+    def _builder(self, *, safe: bool) -> PlanBuilder:
+        return PlanBuilder(
+            self.con,
+            self.steps,
+            self._constants,
+            static_schema=self._static_schema,
+            safe=safe,
+        )
+
+    def _registered_empty(self, schema: pa.Schema) -> pa.Table:
+        return schema.empty_table().append_column(RID, pa.array([], pa.int64()))
+
+    def _plan(self, schema: pa.Schema) -> Plan:
+        key = _schema_key(schema)
+        plan = self._plans.get(key)
+        if plan is None:
+            check_input_schema(schema)
+            self.con.register(BATCH_VIEW, self._registered_empty(schema))
+            try:
+                plan = self._builder(safe=False).build()
+            finally:
+                self.con.unregister(BATCH_VIEW)
+            self._plans[key] = plan
+        return plan
+
+    def _safe_plan(self, schema: pa.Schema) -> Plan | None:
+        """The TRY-wrapped plan, or None when DuckDB refuses TRY (volatile
+        functions such as random() cannot be wrapped)."""
+        key = _schema_key(schema)
+        if key not in self._safe_plans:
+            self.con.register(BATCH_VIEW, self._registered_empty(schema))
+            try:
+                self._safe_plans[key] = self._builder(safe=True).build()
+            except (duckdb.Error, EngineError):
+                self._safe_plans[key] = None
+            finally:
+                self.con.unregister(BATCH_VIEW)
+        return self._safe_plans[key]
+
+    # -------------------------------------------------------------- running
+
+    def _execute(self, plan: Plan, work: pa.Table) -> pa.Table:
+        self.con.register(BATCH_VIEW, work)
+        try:
+            return self.con.sql(plan.query()).to_arrow_table()
+        finally:
+            self.con.unregister(BATCH_VIEW)
+
+    def _recover(
+        self, schema: pa.Schema, plan: Plan, work: pa.Table
+    ) -> tuple[pa.Table, list[_Failure]]:
+        """Run a batch whose query raised, rejecting only the rows that raise.
+
+        First with the safe plan (one query; raising expressions become row
+        errors), else by bisecting the batch with the normal plan.
+
+        Raises:
+            EngineError: the query fails even on an empty batch, so no row is
+                to blame.
+        """
+        try:
+            self._execute(plan, work.slice(0, 0))
+        except duckdb.Error as error:
+            raise EngineError(f"the batch query failed: {first_line(error)}") from error
+        safe = self._safe_plan(schema)
+        if safe is not None:
+            try:
+                return self._execute(safe, work), []
+            except ROW_ERRORS:
+                pass  # e.g. an error TRY does not catch: bisect instead
+        return self._bisect(plan, work)
+
+    def _bisect(self, plan: Plan, work: pa.Table) -> tuple[pa.Table, list[_Failure]]:
+        parts: list[pa.Table] = [self._execute(plan, work.slice(0, 0))]
+        failures: list[_Failure] = []
+        # Depth first, left half first: good rows keep their input order.
+        pending: list[tuple[int, int]] = [(0, work.num_rows)]
+        while pending:
+            offset, length = pending.pop()
+            segment = work.slice(offset, length)
+            try:
+                parts.append(self._execute(plan, segment))
+            except ROW_ERRORS as error:
+                if length == 1:
+                    if len(failures) >= MAX_BISECTED_ROWS:
+                        raise EngineError(
+                            f"more than {MAX_BISECTED_ROWS} rows make the query "
+                            f"raise; the first: {failures[0].message}"
+                        ) from error
+                    step, message = self._diagnose(plan, segment, None)
+                    failures.append(
+                        _Failure(offset, step, message or first_line(error))
+                    )
+                else:
+                    half = length // 2
+                    pending.append((offset + half, length - half))
+                    pending.append((offset, half))
+        return pa.concat_tables(parts), failures
+
+    def _diagnose(
+        self, plan: Plan, row: pa.Table, probe_id: int | None
+    ) -> tuple[str, str | None]:
+        """Evaluate one row's expressions alone to get DuckDB's message.
+
+        Args:
+            plan: the plan whose probes to run.
+            row: the one-row work table.
+            probe_id: the expression known to raise, or None to try all in
+                step order.
+
+        Returns:
+            The step kind and ``"<field>: <DuckDB message>"`` (None when no
+            expression raises on its own).
+        """
+        probes = plan.probes if probe_id is None else [plan.probes[probe_id]]
+        self.con.register(BATCH_VIEW, row)
+        try:
+            for probe in probes:
+                select = f"SELECT {probe.sql} FROM {probe.source}"  # noqa: S608
+                query = plan.query(upto=probe.source, select=select)
+                try:
+                    self.con.sql(query).fetchall()
+                except duckdb.Error as error:
+                    return probe.step.kind, f"{probe.label}: {first_line(error)}"
+        finally:
+            self.con.unregister(BATCH_VIEW)
+        return (probes[0].step.kind if probes else "map"), None
+
+    def _diagnose_raised(
+        self, schema: pa.Schema, bad: pa.Table, work: pa.Table
+    ) -> pa.Table:
+        """Put DuckDB's message in place of RAISED_MARK for the first rows."""
+        safe = self._safe_plan(schema)
+        if safe is None:
+            return bad
+        rids = bad.column(RID).to_pylist()
+        raised = bad.column(RAISED).to_pylist()
+        errors = bad.column(ERR).to_pylist()
+        diagnosed = 0
+        for n, probe_id in enumerate(raised):
+            if probe_id is None or diagnosed >= MAX_DIAGNOSED_ROWS:
+                continue
+            diagnosed += 1
+            _, message = self._diagnose(safe, work.slice(rids[n], 1), probe_id)
+            label = safe.probes[probe_id].label
+            if message is not None:
+                errors[n] = errors[n].replace(f"{label}: {RAISED_MARK}", message, 1)
+        index = bad.schema.get_field_index(ERR)
+        return bad.set_column(index, ERR, pa.array(errors, pa.string()))
+
+
+def _without_view_types(table: pa.Table) -> pa.Table:
+    """Cast string_view/binary_view columns to string/binary (same values):
+    Arrow's take/filter kernels, used to split rejected rows, lack view types."""
+    fields = []
+    for f in table.schema:
+        if pa.types.is_string_view(f.type):
+            f = f.with_type(pa.string())
+        elif pa.types.is_binary_view(f.type):
+            f = f.with_type(pa.binary())
+        fields.append(f)
+    schema = pa.schema(fields, metadata=table.schema.metadata)
+    return table if schema == table.schema else table.cast(schema)
+
+
+def _schema_key(schema: pa.Schema) -> _SchemaKey:
+    return tuple((f.name, str(f.type)) for f in schema)
+
+
+def _rejected(table: pa.Table, bad: pa.Table, failures: list[_Failure]) -> pa.Table:
+    """The rejected input rows, in input order, with ``_error`` and ``_step``."""
+    rids = bad.column(RID).combine_chunks()
+    errors = bad.column(ERR).combine_chunks().cast(pa.string())
+    steps = bad.column(STEP).combine_chunks().cast(pa.string())
+    if failures:
+        rids = pa.concat_arrays([rids, pa.array([f.rid for f in failures], pa.int64())])
+        errors = pa.concat_arrays(
+            [errors, pa.array([f.message for f in failures], pa.string())]
+        )
+        steps = pa.concat_arrays(
+            [steps, pa.array([f.step for f in failures], pa.string())]
+        )
+        order = pc.sort_indices(rids)
+        rids, errors, steps = (a.take(order) for a in (rids, errors, steps))
+    return (
+        table.take(rids)
+        .append_column(pa.field(ERROR_COLUMN, pa.string()), errors)
+        .append_column(pa.field(STEP_COLUMN, pa.string()), steps)
+    )
+
+
+def compile_steps(
+    steps: Sequence[Mapping[str, Any]],
+    *,
+    timezone: str = "UTC",
+    threads: int = 1,
+    memory_limit: str = "1GB",
+    input_schema: pa.Schema | None = None,
+) -> CompiledPipeline:
+    """Check a step list and compile it for DuckDB.
+
+    Args:
+        steps: the step config: a list of ``map``, ``filter`` and ``validate``
+            objects, run in order.
+        timezone: IANA time zone of the session: naive strings cast to
+            ``timestamptz`` are read in it, and so are SQL time functions.
+        threads: DuckDB threads; 1 because workers are processes.
+        memory_limit: DuckDB memory limit, e.g. ``"1GB"``.
+        input_schema: the source batch schema, when known: expressions are
+            then checked against its columns and the query is planned now.
+
+    Returns:
+        The compiled pipeline; ``close()`` it when done.
+
+    Raises:
+        StepConfigError: the config is invalid; the message names the step and
+            field, e.g. ``steps[0].fields[3] (distance_km): unknown type 'flot'``.
+    """
+    input_columns = None
+    if input_schema is not None:
+        input_columns = [n for n in input_schema.names if n != SOURCE_REF]
+    return CompiledPipeline(
+        parse_steps(steps, input_columns=input_columns),
+        timezone=timezone,
+        threads=threads,
+        memory_limit=memory_limit,
+        input_schema=input_schema,
+    )

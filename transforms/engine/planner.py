@@ -1,0 +1,596 @@
+"""Builds the DuckDB query of a step list for one input schema.
+
+The query is a chain of CTEs over the registered batch, a few per step: a map
+is a SELECT list of strict casts, a filter is a WHERE, a validate step adds
+rule predicates. Every row carries its input row id (``__engine_rid``), its
+error messages (``__engine_err``) and its first failing step
+(``__engine_step``), so one query yields both output and rejected rows.
+
+A plan is built in one of two modes. The normal plan runs user expressions as
+written. The safe plan wraps each in ``TRY(...)`` and turns a raising
+expression into a row error; it is only used for a batch where the normal
+plan raised, so well-behaved batches pay nothing for it.
+"""
+
+# The whole module renders SQL: identifiers go through quote_ident, literals
+# through sql_string/sql_scalar, user expressions through check_expression.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from transforms.engine.connection import first_line
+from transforms.engine.exceptions import InputSchemaError, StepConfigError
+from transforms.engine.expressions import INTERNAL_PREFIX
+from transforms.engine.fieldtypes import FieldType, field_type_of, strict_cast
+from transforms.engine.sql import (
+    Scalar,
+    quote_ident,
+    render_scalar,
+    sql_scalar,
+    sql_string,
+)
+from transforms.engine.steps import (
+    ERROR_COLUMN,
+    SOURCE_REF,
+    STEP_COLUMN,
+    FilterStep,
+    MapField,
+    MapStep,
+    Rule,
+    Step,
+    ValidateStep,
+)
+
+BATCH_VIEW = "__engine_batch"
+RID = "__engine_rid"
+ERR = "__engine_err"
+STEP = "__engine_step"
+RAISED = "__engine_raised"
+NEW = "__engine_new"
+NEW_RAISED = "__engine_new_raised"
+INTERNAL_COLUMNS = (RID, ERR, STEP, RAISED)
+MAX_VALUE_CHARS = 100
+# Stands for a DuckDB error message until the row is diagnosed.
+RAISED_MARK = "the expression raised an error"
+
+# CTE names share the reserved prefix, so no user column can shadow them.
+_CTE = f"{INTERNAL_PREFIX}_"
+_CARRIED = f"{quote_ident(SOURCE_REF)}, {RID}, {ERR}, {STEP}, {RAISED}"
+
+
+@dataclass(frozen=True)
+class Cte:
+    """One CTE of the query."""
+
+    name: str
+    sql: str
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A user-visible expression that may raise for a row, to diagnose it.
+
+    ``sql`` evaluated over CTE ``source`` reproduces the expression alone.
+    """
+
+    step: Step
+    path: str
+    label: str
+    sql: str
+    source: str
+
+
+@dataclass
+class Plan:
+    """The query of one input schema (normal or safe mode)."""
+
+    ctes: list[Cte]
+    final_sql: str = ""
+    output_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
+    probes: list[Probe] = field(default_factory=list)
+
+    def query(self, *, upto: str | None = None, select: str | None = None) -> str:
+        """SQL of the whole query, or of the CTEs up to ``upto`` (a CTE name).
+
+        Args:
+            upto: stop after this CTE; ``select`` defaults to all its columns.
+            select: the final SELECT to use instead of the plan's.
+
+        Returns:
+            The SQL text.
+        """
+        ctes = self.ctes
+        if upto is not None:
+            end = next(i for i, cte in enumerate(ctes) if cte.name == upto)
+            ctes = ctes[: end + 1]
+            select = select or f"SELECT * FROM {upto}"
+        with_sql = ",\n".join(f"{cte.name} AS (\n{cte.sql}\n)" for cte in ctes)
+        return f"WITH {with_sql}\n{select or self.final_sql}"
+
+
+def message_value(sql: str) -> str:
+    """SQL printing a value inside a message, cut to MAX_VALUE_CHARS."""
+    text = f"CAST({sql} AS VARCHAR)"
+    return (
+        f"CASE WHEN length({text}) > {MAX_VALUE_CHARS} "
+        f"THEN left({text}, {MAX_VALUE_CHARS}) || '...' ELSE {text} END"
+    )
+
+
+def _merge(step_kind: str) -> str:
+    """Select list folding the NEW/NEW_RAISED columns into the carried ones."""
+    return (
+        f"* EXCLUDE ({NEW}, {NEW_RAISED}) REPLACE ("
+        f"NULLIF(concat_ws('; ', {ERR}, {NEW}), '') AS {ERR}, "
+        f"coalesce({STEP}, CASE WHEN {NEW} IS NOT NULL "
+        f"THEN {sql_string(step_kind)} END) AS {STEP}, "
+        f"coalesce({RAISED}, {NEW_RAISED}) AS {RAISED})"
+    )
+
+
+def _raises(sql: str) -> str:
+    """True when ``sql`` raises for the row: ``x IS NULL`` is never NULL."""
+    return f"(TRY(({sql}) IS NULL) IS NULL)"
+
+
+def _first_raised(flags: Sequence[tuple[str, int]]) -> str:
+    """SQL of the id of the first raising expression, NULL when none."""
+    if not flags:
+        return "CAST(NULL AS INTEGER)"
+    branches = " ".join(f"WHEN {flag} THEN {probe_id}" for flag, probe_id in flags)
+    return f"CASE {branches} END"
+
+
+def _raised_message(label: str) -> str:
+    return sql_string(f"{label}: {RAISED_MARK}")
+
+
+class Constants:
+    """Config constants (defaults, bounds, enum values) checked and rendered.
+
+    Checked once at compile time with the pipeline's connection, so a bad
+    default or bound is a StepConfigError before any batch runs.
+    """
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, steps: Sequence[Step]) -> None:
+        self._con = con
+        self.defaults: dict[str, str] = {}
+        self.rules: dict[str, dict[str, Any]] = {}
+        types: dict[str, FieldType] | None = None  # field types of the last map
+        for step in steps:
+            if isinstance(step, MapStep):
+                for f in step.fields:
+                    if f.default is not None:
+                        self.defaults[f.path] = self.constant(
+                            f.default, f.type, f.path, "default"
+                        )
+                types = {f.name.lower(): f.type for f in step.fields}
+            elif isinstance(step, ValidateStep) and types is not None:
+                for rule in step.rules:
+                    known = types.get(rule.field.lower())
+                    if known is not None:
+                        self.rules[rule.path] = self._rule(rule, known)
+
+    def constant(self, value: Scalar, target: FieldType, path: str, what: str) -> str:
+        """SQL of a config constant strictly cast to ``target``.
+
+        Raises:
+            StepConfigError: the constant does not convert exactly.
+        """
+        literal = sql_scalar(value)
+        source = str(self._con.sql(f"SELECT {literal}").types[0])
+        present = strict_cast(source, target, raw=literal, present="NULL").present
+        sql = strict_cast(source, target, raw=literal, present=f"({present})").value
+        try:
+            rows = self._con.sql(f"SELECT ({sql}) IS NOT NULL").fetchall()
+        except duckdb.Error:
+            rows = []
+        if not rows or not rows[0][0]:
+            raise StepConfigError(
+                path, f"{what} {value!r} is not a valid {target.label}"
+            )
+        return f"CAST({sql} AS {target.sql})"
+
+    def _rule(self, rule: Rule, known: FieldType | None) -> dict[str, Any]:
+        if rule.kind == "regex":
+            pattern = sql_string(rule.pattern or "")
+            try:
+                self._con.sql(f"SELECT regexp_matches('', {pattern})").fetchall()
+            except duckdb.Error as error:
+                raise StepConfigError(
+                    rule.path, f"invalid pattern: {first_line(error)}"
+                ) from error
+            return {}
+        if rule.kind == "range":
+            return {
+                key: self._bound(rule, bound, known, key)
+                for key, bound in (("min", rule.minimum), ("max", rule.maximum))
+                if bound is not None
+            }
+        if rule.kind == "enum":
+            if known is None:
+                values = [sql_scalar(v) for v in rule.values]
+            elif known.name == "string":
+                values = [sql_string(render_scalar(v)) for v in rule.values]
+            else:
+                values = [
+                    self.constant(v, known, rule.path, "enum value")
+                    for v in rule.values
+                ]
+            return {"values": values}
+        return {}
+
+    def _bound(
+        self, rule: Rule, bound: Scalar, known: FieldType | None, key: str
+    ) -> str:
+        if known is None:
+            raise StepConfigError(rule.path, "range does not apply to this field")
+        if known.is_numeric:
+            if isinstance(bound, str):
+                raise StepConfigError(
+                    rule.path, f"{key} must be a number for a {known.label} field"
+                )
+            return sql_scalar(bound)
+        if known.is_temporal:
+            if not isinstance(bound, str):
+                raise StepConfigError(
+                    rule.path, f"{key} must be an ISO string for a {known.label} field"
+                )
+            return self.constant(bound, known, rule.path, key)
+        raise StepConfigError(
+            rule.path,
+            f"range does not apply to a {known.label} field; "
+            "map it to a number, date or timestamp first",
+        )
+
+    def rule(self, rule: Rule, known: FieldType | None) -> dict[str, Any]:
+        """Rendered constants of a rule.
+
+        Rules on map fields are checked at compile time; rules on source
+        columns here, once the column's type is known.
+        """
+        if rule.path in self.rules:
+            return self.rules[rule.path]
+        return self._rule(rule, known)
+
+
+def check_input_schema(schema: pa.Schema) -> None:
+    """Refuse a batch without ``_source_ref`` or with reserved column names.
+
+    Raises:
+        InputSchemaError: naming the column.
+    """
+    if SOURCE_REF not in schema.names:
+        raise InputSchemaError(f"the batch has no {SOURCE_REF!r} column")
+    for name in schema.names:
+        if name in (ERROR_COLUMN, STEP_COLUMN) or name.lower().startswith(
+            INTERNAL_PREFIX
+        ):
+            raise InputSchemaError(f"the batch uses the reserved column {name!r}")
+
+
+class PlanBuilder:
+    """Builds the plan of a step list for the batch registered as BATCH_VIEW."""
+
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        steps: Sequence[Step],
+        constants: Constants,
+        *,
+        static_schema: pa.Schema | None,
+        safe: bool,
+    ) -> None:
+        self.con = con
+        self.steps = steps
+        self.constants = constants
+        self.static_schema = static_schema
+        self.safe = safe
+
+    def build(self) -> Plan:
+        """Build and bind the plan.
+
+        Raises:
+            StepConfigError: an expression does not bind against the columns.
+        """
+        plan = Plan(
+            ctes=[
+                Cte(
+                    f"{_CTE}s",
+                    f"SELECT *, CAST(NULL AS VARCHAR) AS {ERR}, "
+                    f"CAST(NULL AS VARCHAR) AS {STEP}, "
+                    f"CAST(NULL AS INTEGER) AS {RAISED} FROM {BATCH_VIEW}",
+                )
+            ]
+        )
+        types: dict[str, FieldType] | None = None
+        for step in self.steps:
+            if isinstance(step, MapStep):
+                self._add_map(plan, step)
+                types = {f.name.lower(): f.type for f in step.fields}
+            elif isinstance(step, FilterStep):
+                self._add_filter(plan, step)
+            else:
+                self._add_validate(plan, step, types)
+
+        last = plan.ctes[-1].name
+        data = [
+            c
+            for c in self.column_types(plan, last)
+            if c not in INTERNAL_COLUMNS and c != SOURCE_REF
+        ]
+        select = ", ".join(quote_ident(c) for c in [*data, SOURCE_REF])
+        plan.final_sql = f"SELECT {select}, {RID}, {ERR}, {STEP}, {RAISED} FROM {last}"
+        try:
+            # Runs on the registered empty batch: an error here is no row's.
+            empty = self.con.sql(plan.query()).to_arrow_table()
+        except duckdb.Error as error:
+            raise StepConfigError(self._culprit(plan), first_line(error)) from error
+        ref = pa.field(SOURCE_REF, pa.string())
+        if self.static_schema is not None:
+            plan.output_schema = self.static_schema.append(ref)
+        else:
+            plan.output_schema = pa.schema(
+                [empty.schema.field(c) for c in data]
+            ).append(ref)
+        return plan
+
+    def _culprit(self, plan: Plan) -> str:
+        """Path of the first expression that fails on its own, else ``steps``."""
+        for probe in plan.probes:
+            select = f"SELECT {probe.sql} FROM {probe.source}"
+            try:
+                self.con.sql(plan.query(upto=probe.source, select=select)).fetchall()
+            except duckdb.Error:
+                return probe.path
+        return "steps"
+
+    def column_types(self, plan: Plan, name: str) -> dict[str, str]:
+        """Column name -> DuckDB type of CTE ``name`` (binds, does not run)."""
+        relation = self.con.sql(plan.query(upto=name))
+        return {
+            col: str(typ)
+            for col, typ in zip(relation.columns, relation.types, strict=True)
+        }
+
+    def _bind(self, plan: Plan, source: str, probes: Sequence[tuple[str, str]]) -> None:
+        """Bind the last CTE; on failure name the (path, SQL) probe that fails.
+
+        Raises:
+            StepConfigError: with the failing probe's path.
+        """
+        try:
+            self.column_types(plan, plan.ctes[-1].name)
+        except duckdb.Error as error:
+            for path, sql in probes:
+                try:
+                    query = plan.query(
+                        upto=source, select=f"SELECT {sql} FROM {source}"
+                    )
+                    _ = self.con.sql(query).types
+                except duckdb.Error as probe_error:
+                    raise StepConfigError(path, first_line(probe_error)) from error
+            raise StepConfigError(
+                probes[0][0] if probes else "steps", first_line(error)
+            ) from error
+
+    def _add_probe(self, plan: Plan, probe: Probe) -> int:
+        plan.probes.append(probe)
+        return len(plan.probes) - 1
+
+    def _add_map(self, plan: Plan, step: MapStep) -> None:
+        """CTEs of a map: raw expressions, normalised inputs, casts, checks."""
+        prev = plan.ctes[-1].name
+        cte = f"{_CTE}m{step.index}"
+        count = len(step.fields)
+        raw = [f"{INTERNAL_PREFIX}_raw_{n}" for n in range(count)]
+        raised = [f"{INTERNAL_PREFIX}_raised_{n}" for n in range(count)]
+        present = [f"{INTERNAL_PREFIX}_present_{n}" for n in range(count)]
+        value = [f"{INTERNAL_PREFIX}_value_{n}" for n in range(count)]
+        flags: list[tuple[str, int]] = []
+        select: list[str] = []
+        for f, r, flag in zip(step.fields, raw, raised, strict=True):
+            probe_id = self._add_probe(plan, Probe(step, f.path, f.name, f.sql, prev))
+            if self.safe:
+                select.append(f"TRY({f.sql}) AS {r}, {_raises(f.sql)} AS {flag}")
+                flags.append((flag, probe_id))
+            else:
+                select.append(f"({f.sql}) AS {r}")
+        selected = ", ".join(select)
+        plan.ctes.append(
+            Cte(f"{cte}_raw", f"SELECT {selected}, {_CARRIED} FROM {prev}")
+        )
+        self._bind(plan, prev, [(f.path, f.sql) for f in step.fields])
+        raw_types = self.column_types(plan, f"{cte}_raw")
+
+        casts = [
+            strict_cast(raw_types[r], f.type, raw=r, present=p)
+            for f, r, p in zip(step.fields, raw, present, strict=True)
+        ]
+        selected = ", ".join(
+            f"{c.present} AS {p}" for c, p in zip(casts, present, strict=True)
+        )
+        plan.ctes.append(Cte(f"{cte}_present", f"SELECT *, {selected} FROM {cte}_raw"))
+        selected = ", ".join(
+            f"{c.value} AS {v}" for c, v in zip(casts, value, strict=True)
+        )
+        plan.ctes.append(
+            Cte(f"{cte}_value", f"SELECT *, {selected} FROM {cte}_present")
+        )
+
+        outputs: list[str] = []
+        errors: list[str] = []
+        for n, f in enumerate(step.fields):
+            default = self.constants.defaults.get(f.path)
+            v = value[n]
+            outputs.append(
+                f"{f'coalesce({v}, {default})' if default else v} "
+                f"AS {quote_ident(f.name)}"
+            )
+            errors.append(
+                _field_error(
+                    f,
+                    raw[n],
+                    present[n],
+                    v,
+                    raised=raised[n] if self.safe else None,
+                    has_default=default is not None,
+                )
+            )
+        plan.ctes.append(
+            Cte(
+                f"{cte}_checked",
+                f"SELECT {', '.join(outputs)}, {_CARRIED}, "
+                f"NULLIF(concat_ws('; ', {', '.join(errors)}), '') AS {NEW}, "
+                f"{_first_raised(flags)} AS {NEW_RAISED} FROM {cte}_value",
+            )
+        )
+        plan.ctes.append(Cte(cte, f"SELECT {_merge('map')} FROM {cte}_checked"))
+        self.column_types(plan, cte)
+
+    def _add_filter(self, plan: Plan, step: FilterStep) -> None:
+        """CTE of a filter: a WHERE that keeps rows already in error."""
+        prev = plan.ctes[-1].name
+        cte = f"{_CTE}f{step.index}"
+        path = f"steps[{step.index}].where"
+        probe_id = self._add_probe(plan, Probe(step, path, "where", step.where, prev))
+        source, where = prev, step.where
+        if self.safe:
+            raises = _raises(where)
+            plan.ctes.append(
+                Cte(
+                    f"{cte}_checked",
+                    f"SELECT *, CASE WHEN {raises} "
+                    f"THEN {_raised_message('where')} END AS {NEW}, "
+                    f"CASE WHEN {raises} THEN {probe_id} END AS {NEW_RAISED} "
+                    f"FROM {prev}",
+                )
+            )
+            plan.ctes.append(
+                Cte(f"{cte}_merged", f"SELECT {_merge('filter')} FROM {cte}_checked")
+            )
+            source, where = f"{cte}_merged", f"TRY({where})"
+        plan.ctes.append(
+            Cte(
+                cte,
+                f"SELECT * FROM {source} WHERE {ERR} IS NOT NULL "
+                f"OR coalesce(({where}), FALSE)",
+            )
+        )
+        self._bind(plan, prev, [(path, step.where)])
+
+    def _add_validate(
+        self, plan: Plan, step: ValidateStep, types: Mapping[str, FieldType] | None
+    ) -> None:
+        """CTEs of a validate step: one message expression per rule."""
+        prev = plan.ctes[-1].name
+        cte = f"{_CTE}v{step.index}"
+        column_types = self.column_types(plan, prev)
+        columns = {c.lower(): c for c in column_types}
+        messages: list[str] = []
+        flags: list[tuple[str, int]] = []
+        paths: list[tuple[str, str]] = []
+        for rule in step.rules:
+            column = columns.get(rule.field.lower())
+            if column is None or column.lower().startswith(INTERNAL_PREFIX):
+                raise StepConfigError(rule.path, f"unknown field {rule.field!r}")
+            known = (
+                types.get(rule.field.lower())
+                if types
+                else field_type_of(column_types[column])
+            )
+            sql = _rule_error(rule, column, self.constants.rule(rule, known))
+            probe = Probe(step, rule.path, rule.field, sql, prev)
+            probe_id = self._add_probe(plan, probe)
+            paths.append((rule.path, sql))
+            if self.safe:
+                messages.append(
+                    f"CASE WHEN {_raises(sql)} THEN {_raised_message(rule.field)} "
+                    f"ELSE TRY({sql}) END"
+                )
+                flags.append((_raises(sql), probe_id))
+            else:
+                messages.append(sql)
+        plan.ctes.append(
+            Cte(
+                f"{cte}_checked",
+                f"SELECT *, NULLIF(concat_ws('; ', {', '.join(messages)}), '') "
+                f"AS {NEW}, {_first_raised(flags)} AS {NEW_RAISED} FROM {prev}",
+            )
+        )
+        self._bind(plan, prev, paths)
+        plan.ctes.append(Cte(cte, f"SELECT {_merge('validate')} FROM {cte}_checked"))
+
+
+def _field_error(
+    f: MapField,
+    raw: str,
+    present: str,
+    value: str,
+    *,
+    raised: str | None,
+    has_default: bool,
+) -> str:
+    """SQL of a map field's error message, NULL when the field is fine."""
+    missing = (
+        sql_string(f"{f.name}: required value is missing")
+        if f.required and not has_default
+        else "NULL"
+    )
+    convert = (
+        f"{sql_string(f'{f.name}: cannot convert ' + chr(39))} || "
+        f"{message_value(raw)} || "
+        f"{sql_string(chr(39) + f' to {f.type.label}')}"
+    )
+    raised_branch = f"WHEN {raised} THEN {_raised_message(f.name)} " if raised else ""
+    return (
+        f"CASE {raised_branch}WHEN {present} IS NULL THEN {missing} "
+        f"WHEN {value} IS NULL THEN {convert} END"
+    )
+
+
+def _rule_error(rule: Rule, column: str, constants: Mapping[str, Any]) -> str:
+    """SQL of a rule's error message; NULL when the rule holds or the value is
+    NULL (only ``not_null`` rejects NULL)."""
+    f = quote_ident(column)
+    name = rule.field
+    shown = message_value(f)
+    quote = chr(39)
+    if rule.kind == "not_null":
+        return f"CASE WHEN {f} IS NULL THEN {sql_string(f'{name}: is null')} END"
+    if rule.kind == "range":
+        branches = []
+        for key, bound, op, word in (
+            ("min", rule.minimum, "<", "below the minimum"),
+            ("max", rule.maximum, ">", "above the maximum"),
+        ):
+            if key in constants and bound is not None:
+                suffix = sql_string(f" is {word} {render_scalar(bound)}")
+                branches.append(
+                    f"WHEN {f} {op} {constants[key]} "
+                    f"THEN {sql_string(f'{name}: ')} || {shown} || {suffix}"
+                )
+        return f"CASE {' '.join(branches)} END"
+    if rule.kind == "regex":
+        pattern = rule.pattern or ""
+        message = (
+            f"{sql_string(f'{name}: {quote}')} || {shown} || "
+            f"{sql_string(f'{quote} does not match {pattern}')}"
+        )
+        return (
+            f"CASE WHEN NOT regexp_matches(CAST({f} AS VARCHAR), "
+            f"{sql_string(pattern)}) THEN {message} END"
+        )
+    listed = ", ".join(render_scalar(v) for v in rule.values)
+    message = (
+        f"{sql_string(f'{name}: {quote}')} || {shown} || "
+        f"{sql_string(f'{quote} is not one of {listed}')}"
+    )
+    return f"CASE WHEN {f} NOT IN ({', '.join(constants['values'])}) THEN {message} END"

@@ -1,0 +1,298 @@
+"""Typed step configuration: parses and checks the JSON step list.
+
+Checks that need no database happen here (shape, names, types, expressions);
+checks that need DuckDB (defaults, rule literals, regex syntax) happen in the
+compiler, which owns the connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from transforms.engine.exceptions import StepConfigError
+from transforms.engine.expressions import INTERNAL_PREFIX, check_expression
+from transforms.engine.fieldtypes import (
+    DEFAULT_PRECISION,
+    DEFAULT_SCALE,
+    MAX_PRECISION,
+    TYPE_NAMES,
+    FieldType,
+)
+from transforms.engine.sql import Scalar, quote_ident
+
+SOURCE_REF = "_source_ref"
+ERROR_COLUMN = "_error"
+STEP_COLUMN = "_step"
+RESERVED_NAMES = frozenset({SOURCE_REF, ERROR_COLUMN, STEP_COLUMN})
+RULE_KINDS = ("not_null", "range", "regex", "enum")
+
+_FIELD_KEYS = frozenset(
+    {"name", "expr", "type", "required", "default", "precision", "scale", "description"}
+)
+_RULE_KEYS: dict[str, frozenset[str]] = {
+    "not_null": frozenset({"field", "rule", "description"}),
+    "range": frozenset({"field", "rule", "min", "max", "description"}),
+    "regex": frozenset({"field", "rule", "pattern", "description"}),
+    "enum": frozenset({"field", "rule", "values", "description"}),
+}
+_STEP_KEYS: dict[str, frozenset[str]] = {
+    "map": frozenset({"type", "fields", "description"}),
+    "filter": frozenset({"type", "where", "description"}),
+    "validate": frozenset({"type", "rules", "description"}),
+}
+
+
+@dataclass(frozen=True)
+class MapField:
+    """One output column of a map step: an expression strictly cast to a type."""
+
+    name: str
+    sql: str
+    type: FieldType
+    path: str
+    required: bool = False
+    default: Scalar | None = None
+
+
+@dataclass(frozen=True)
+class MapStep:
+    """Replaces the columns with typed fields computed from the previous step."""
+
+    index: int
+    fields: tuple[MapField, ...]
+    kind: str = "map"
+
+
+@dataclass(frozen=True)
+class FilterStep:
+    """Drops (and counts) rows for which a SQL predicate is not true."""
+
+    index: int
+    where: str
+    kind: str = "filter"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One validation rule on one field; a failing row gets an error message."""
+
+    field: str
+    kind: str
+    path: str
+    minimum: Scalar | None = None
+    maximum: Scalar | None = None
+    pattern: str | None = None
+    values: tuple[Scalar, ...] = ()
+
+
+@dataclass(frozen=True)
+class ValidateStep:
+    """Checks rules on the previous step's columns; failing rows are rejected."""
+
+    index: int
+    rules: tuple[Rule, ...] = field(default_factory=tuple)
+    kind: str = "validate"
+
+
+Step = MapStep | FilterStep | ValidateStep
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: frozenset[str], path: str) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise StepConfigError(path, f"unknown key {unknown[0]!r}")
+
+
+def _is_scalar(value: object) -> bool:
+    return isinstance(value, (str, int, float, bool))
+
+
+def parse_steps(
+    steps: Sequence[Mapping[str, Any]], *, input_columns: Sequence[str] | None = None
+) -> list[Step]:
+    """Parse and check a step list.
+
+    Args:
+        steps: the JSON step config.
+        input_columns: the source column names, when known; expressions of the
+            first steps are then checked against them.
+
+    Returns:
+        The typed steps, in order.
+
+    Raises:
+        StepConfigError: naming the first problem found.
+    """
+    if not isinstance(steps, Sequence) or isinstance(steps, (str, bytes)):
+        raise StepConfigError("steps", "must be a list of steps")
+    # Column names visible to the next step; None while they are unknown.
+    columns: list[str] | None = None
+    if input_columns is not None:
+        columns = [*input_columns, SOURCE_REF]
+    parsed: list[Step] = []
+    for index, raw in enumerate(steps):
+        path = f"steps[{index}]"
+        if not isinstance(raw, Mapping):
+            raise StepConfigError(path, "must be an object")
+        kind = raw.get("type")
+        if kind not in _STEP_KEYS:
+            raise StepConfigError(
+                f"{path}.type", f"unknown step type {kind!r}; use map, filter, validate"
+            )
+        _check_keys(raw, _STEP_KEYS[kind], path)
+        step: Step
+        if kind == "map":
+            step = _parse_map(index, raw, columns)
+            columns = [*(f.name for f in step.fields), SOURCE_REF]
+        elif kind == "filter":
+            where = check_expression(
+                raw.get("where"), path=f"{path}.where", columns=columns
+            )
+            step = FilterStep(index=index, where=where)
+        else:
+            step = _parse_validate(index, raw, columns)
+        parsed.append(step)
+    return parsed
+
+
+def _parse_map(
+    index: int, raw: Mapping[str, Any], columns: Sequence[str] | None
+) -> MapStep:
+    path = f"steps[{index}]"
+    fields = raw.get("fields")
+    if not isinstance(fields, list) or not fields:
+        raise StepConfigError(f"{path}.fields", "must be a non-empty list")
+    seen: set[str] = set()
+    out: list[MapField] = []
+    for position, spec in enumerate(fields):
+        out.append(_parse_field(f"{path}.fields[{position}]", spec, columns, seen))
+    return MapStep(index=index, fields=tuple(out))
+
+
+def _parse_field(
+    path: str, spec: object, columns: Sequence[str] | None, seen: set[str]
+) -> MapField:
+    if not isinstance(spec, Mapping):
+        raise StepConfigError(path, "must be an object")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise StepConfigError(path, "name must be a non-empty string")
+    path = f"{path} ({name})"
+    _check_keys(spec, _FIELD_KEYS, path)
+    if name in RESERVED_NAMES or name.lower().startswith(INTERNAL_PREFIX):
+        raise StepConfigError(path, f"name {name!r} is reserved")
+    if name.lower() in seen:
+        raise StepConfigError(path, f"duplicate field name {name!r}")
+    seen.add(name.lower())
+
+    field_type = _parse_type(path, spec)
+    # A field without expr copies the source column of the same name.
+    expr = spec.get("expr", quote_ident(name))
+    sql = check_expression(expr, path=path, columns=columns)
+
+    required = spec.get("required", False)
+    if not isinstance(required, bool):
+        raise StepConfigError(path, "required must be true or false")
+    default = spec.get("default")
+    if default is not None and not _is_scalar(default):
+        raise StepConfigError(path, "default must be a string, number or boolean")
+    return MapField(
+        name=name,
+        sql=sql,
+        type=field_type,
+        path=path,
+        required=required,
+        default=default,
+    )
+
+
+def _parse_type(path: str, spec: Mapping[str, Any]) -> FieldType:
+    type_name = spec.get("type")
+    if type_name is None:
+        raise StepConfigError(path, "missing type")
+    if type_name not in TYPE_NAMES:
+        raise StepConfigError(path, f"unknown type {type_name!r}")
+    if type_name != "decimal":
+        for key in ("precision", "scale"):
+            if key in spec:
+                raise StepConfigError(path, f"{key} applies to decimal only")
+        return FieldType(type_name)
+    precision = spec.get("precision", DEFAULT_PRECISION)
+    scale = spec.get("scale", DEFAULT_SCALE)
+    if (
+        not isinstance(precision, int)
+        or isinstance(precision, bool)
+        or not 1 <= precision <= MAX_PRECISION
+    ):
+        raise StepConfigError(
+            path, f"precision must be an integer from 1 to {MAX_PRECISION}"
+        )
+    if not isinstance(scale, int) or isinstance(scale, bool):
+        raise StepConfigError(path, "scale must be an integer")
+    if not 0 <= scale <= precision:
+        raise StepConfigError(path, f"scale must be from 0 to precision ({precision})")
+    return FieldType("decimal", precision=precision, scale=scale)
+
+
+def _parse_validate(
+    index: int, raw: Mapping[str, Any], columns: Sequence[str] | None
+) -> ValidateStep:
+    path = f"steps[{index}]"
+    rules = raw.get("rules")
+    if not isinstance(rules, list) or not rules:
+        raise StepConfigError(f"{path}.rules", "must be a non-empty list")
+    known = {c.lower() for c in columns} if columns is not None else None
+    out: list[Rule] = []
+    for position, spec in enumerate(rules):
+        rule_path = f"{path}.rules[{position}]"
+        if not isinstance(spec, Mapping):
+            raise StepConfigError(rule_path, "must be an object")
+        field_name = spec.get("field")
+        if not isinstance(field_name, str) or not field_name:
+            raise StepConfigError(rule_path, "field must be a non-empty string")
+        rule_path = f"{rule_path} ({field_name})"
+        if known is not None and field_name.lower() not in known:
+            raise StepConfigError(rule_path, f"unknown field {field_name!r}")
+        kind = spec.get("rule")
+        if kind not in _RULE_KEYS:
+            raise StepConfigError(
+                rule_path, f"unknown rule {kind!r}; use {', '.join(RULE_KINDS)}"
+            )
+        _check_keys(spec, _RULE_KEYS[kind], rule_path)
+        out.append(_parse_rule(rule_path, field_name, kind, spec))
+    return ValidateStep(index=index, rules=tuple(out))
+
+
+def _parse_rule(path: str, field_name: str, kind: str, spec: Mapping[str, Any]) -> Rule:
+    if kind == "not_null":
+        return Rule(field=field_name, kind=kind, path=path)
+    if kind == "range":
+        minimum, maximum = spec.get("min"), spec.get("max")
+        if minimum is None and maximum is None:
+            raise StepConfigError(path, "range needs min, max or both")
+        for key, bound in (("min", minimum), ("max", maximum)):
+            if bound is not None and (
+                isinstance(bound, bool) or not isinstance(bound, (int, float, str))
+            ):
+                raise StepConfigError(path, f"{key} must be a number or a string")
+        return Rule(
+            field=field_name, kind=kind, path=path, minimum=minimum, maximum=maximum
+        )
+    if kind == "regex":
+        pattern = spec.get("pattern")
+        if not isinstance(pattern, str) or not pattern:
+            raise StepConfigError(path, "pattern must be a non-empty string")
+        # The pattern is RE2 syntax; the compiler checks it with DuckDB.
+        return Rule(field=field_name, kind=kind, path=path, pattern=pattern)
+    values = spec.get("values")
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(_is_scalar(v) for v in values)
+    ):
+        raise StepConfigError(
+            path, "values must be a non-empty list of strings, numbers or booleans"
+        )
+    return Rule(field=field_name, kind=kind, path=path, values=tuple(values))
