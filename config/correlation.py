@@ -8,8 +8,9 @@ import uuid
 import structlog
 
 HEADER = "X-Correlation-ID"
-#: Celery message header that carries the id between processes.
-TASK_HEADER = "correlation_id"
+#: Celery message header that carries the id between processes (Celery uses
+#: `correlation_id` itself, for the task id).
+TASK_HEADER = "x_correlation_id"
 _VALID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 

@@ -170,7 +170,9 @@ REDIS_URL = env.str("REDIS_URL", default="")
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
 #: Longest hard time limit of any task; the broker's visibility timeout stays above it.
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=30 * 60)
-CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 60
+CELERY_TASK_SOFT_TIME_LIMIT = max(
+    int(CELERY_TASK_TIME_LIMIT * 0.9), CELERY_TASK_TIME_LIMIT - 60
+)
 _broker_dir = LOCAL_DIR / "broker"
 CELERY_BROKER_TRANSPORT_OPTIONS = (
     {

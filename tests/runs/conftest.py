@@ -1,0 +1,98 @@
+"""Fixtures for runs: the flights CSV (with and without broken rows), sinks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from integration.examples.flights import flights_table, write_flights_csv
+
+#: Rows appended to the pristine flights: each must become exactly one dead letter.
+#: (row number after the pristine rows, reason)
+BROKEN_ROWS = [
+    # flight 517.5 is not an integer
+    "2013,1,1,517,515,2,830,819,11,UA,517.5,N14228,EWR,IAH,227,1400,5,15,"
+    "2013-01-01T10:00:00Z",
+    # dep_delay 1e3 is not an integer
+    "2013,1,1,517,515,1e3,830,819,11,UA,90001,N14228,EWR,IAH,227,1400,5,15,"
+    "2013-01-01T10:00:00Z",
+    # month 13 is out of range (validate)
+    "2013,13,1,517,515,2,830,819,11,UA,90002,N14228,EWR,IAH,227,1400,5,15,"
+    "2013-01-01T10:00:00Z",
+    # carrier fails the regex (validate)
+    "2013,1,1,517,515,2,830,819,11,toolong,90003,N14228,EWR,IAH,227,1400,5,15,"
+    "2013-01-01T10:00:00Z",
+    # origin not in the enum (validate)
+    "2013,1,1,517,515,2,830,819,11,UA,90004,N14228,XXX,IAH,227,1400,5,15,"
+    "2013-01-01T10:00:00Z",
+    # time_hour is not a timestamp
+    "2013,1,1,517,515,2,830,819,11,UA,90005,N14228,EWR,IAH,227,1400,5,15,yesterday-ish",
+    # a ragged row: too few fields
+    "2013,1,1,517,515",
+]
+
+
+@pytest.fixture(scope="session")
+def flights_dir(tmp_path_factory) -> Path:
+    """A folder with flights.csv (pristine) and flights_broken.csv (+ broken rows)."""
+    root = tmp_path_factory.mktemp("flights")
+    table = flights_table()
+    write_flights_csv(root / "flights.csv", table)
+    broken = root / "flights_broken.csv"
+    # The broken rows go in the middle and at the end, so two chunks see them.
+    text = (root / "flights.csv").read_text()
+    lines = text.splitlines()
+    middle = len(lines) // 2
+    lines[middle:middle] = BROKEN_ROWS[:3]
+    lines.extend(BROKEN_ROWS[3:])
+    broken.write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def pg_sink(db):
+    """A postgres connector on the test database; the tables it gets are dropped."""
+    from django.db import connection
+
+    from connectors.models import Connector
+    from tests.helpers import unique
+
+    s = connection.settings_dict
+    connector = Connector.objects.create(
+        name=unique("pg"),
+        kind="postgres",
+        config={
+            "host": s["HOST"] or "127.0.0.1",
+            "port": int(s["PORT"] or 5432),
+            "database": s["NAME"],
+            "user": s["USER"] or "postgres",
+        },
+    )
+    tables: list[str] = []
+    connector.new_table = lambda: (
+        tables.append(unique("t").replace("-", "_")) or tables[-1]
+    )
+    yield connector
+    # The sink's pool holds connections to the test database: close them so the
+    # database can be dropped at the end of the session.
+    from connectors.plugins.sql.postgres import close_pools
+
+    close_pools()
+    with psycopg.connect(
+        host=s["HOST"] or "127.0.0.1",
+        dbname=s["NAME"],
+        user=s["USER"] or "postgres",
+        autocommit=True,
+    ) as conn:
+        for table in tables:
+            conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+
+
+def sink_query(connector, sql: str, params=()):
+    cfg = connector.config
+    with psycopg.connect(
+        host=cfg["host"], port=cfg["port"], dbname=cfg["database"], user=cfg["user"]
+    ) as conn:
+        return conn.execute(sql, params).fetchall()

@@ -1,0 +1,237 @@
+"""End to end through real worker processes on PostgreSQL and Redis.
+
+The flights CSV (336,776 rows) plus broken rows -> map + validate -> PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow.compute as pc
+import pytest
+
+from integration import services
+from integration.examples.flights import FLIGHTS_STEPS, flights_table
+from integration.models import ChunkRun, DeadLetter, Pipeline, Run
+from tests.helpers import unique, wait_for_run
+from tests.runs.conftest import BROKEN_ROWS, sink_query
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PRISTINE_ROWS = 336_776
+
+
+def make_pipeline(files_root, csv_name, pg_sink, *, chunk_rows=50_000, window=4):
+    from connectors.models import Connector
+
+    source = Connector.objects.create(
+        name=unique("files"), kind="files", config={"root": str(files_root)}
+    )
+    table = pg_sink.new_table()
+    pipeline = Pipeline.objects.create(
+        name=unique("flights"),
+        source=source,
+        source_options={"path": csv_name},
+        steps=FLIGHTS_STEPS,
+        sink=pg_sink,
+        sink_options={"table": table, "write_mode": "append"},
+        chunk_rows=chunk_rows,
+        max_in_flight=window,
+        max_rejected_ratio=0.01,
+    )
+    services.freeze_version(pipeline)
+    return pipeline, table
+
+
+def expected_checksums():
+    """Computed straight from the source data, not through the service."""
+    t = flights_table()
+    return {
+        "rows": t.num_rows,
+        "sum_flight": pc.sum(t["flight"]).as_py(),
+        "sum_dep_delay": pc.sum(t["dep_delay"]).as_py(),
+        "sum_distance": pc.sum(t["distance"]).as_py(),
+        "cancelled": t.num_rows - pc.count(t["dep_time"]).as_py(),
+        "carriers": pc.count_distinct(t["carrier"]).as_py(),
+    }
+
+
+def sink_checksums(pg_sink, table):
+    (row,) = sink_query(
+        pg_sink,
+        f"SELECT count(*), sum(flight), sum(dep_delay_min), sum(distance_miles), "
+        f'count(*) FILTER (WHERE cancelled), count(DISTINCT carrier) FROM "{table}"',
+    )
+    keys = [
+        "rows",
+        "sum_flight",
+        "sum_dep_delay",
+        "sum_distance",
+        "cancelled",
+        "carriers",
+    ]
+    return dict(zip(keys, [int(v) for v in row], strict=True))
+
+
+def duplicate_keys(pg_sink, table) -> int:
+    (row,) = sink_query(
+        pg_sink,
+        "SELECT count(*) - count(DISTINCT (time_hour, carrier, flight)) "
+        f'FROM "{table}"',
+    )
+    return row[0]
+
+
+def test_flights_with_broken_rows_end_to_end(worker_factory, flights_dir, pg_sink):
+    pipeline, table = make_pipeline(flights_dir, "flights_broken.csv", pg_sink)
+    worker_factory(concurrency=2)
+    run = services.start_run(pipeline.pk, correlation_id=unique("corr"))
+    run = wait_for_run(run.pk)
+
+    assert run.state == "succeeded_with_errors", run.error
+    total = PRISTINE_ROWS + len(BROKEN_ROWS)
+    assert run.records_read == total
+    assert run.records_rejected == len(BROKEN_ROWS)
+    assert run.records_written == PRISTINE_ROWS
+    assert run.chunks_done == run.chunks_total == 7
+    assert sink_checksums(pg_sink, table) == expected_checksums()
+    assert duplicate_keys(pg_sink, table) == 0
+
+    letters = list(DeadLetter.objects.filter(run=run).order_by("source_ref"))
+    assert len(letters) == len(BROKEN_ROWS)
+    middle = PRISTINE_ROWS // 2
+    expected_rows = {middle + i for i in range(3)} | {
+        PRISTINE_ROWS + 3 + i + 1 for i in range(4)
+    }
+    assert {int(dl.source_ref.split("#")[1]) for dl in letters} == expected_rows
+    assert all(dl.source_ref.startswith("flights_broken.csv#") for dl in letters)
+    by_flight = {dl.payload.get("flight"): dl for dl in letters}
+    assert by_flight["517.5"].step == "map"
+    assert "flight" in by_flight["517.5"].error
+    assert "517.5" in by_flight["517.5"].error
+    assert by_flight["90001"].step == "map"
+    assert "1e3" in by_flight["90001"].error
+    assert by_flight["90002"].step == "validate"
+    assert "month" in by_flight["90002"].error
+    assert by_flight["90003"].step == "validate"
+    assert by_flight["90004"].step == "validate"
+    assert "XXX" in by_flight["90004"].error
+    assert by_flight["90005"].step == "map"
+    assert "time_hour" in by_flight["90005"].error
+    ragged = [dl for dl in letters if dl.step == "read"]
+    assert len(ragged) == 1
+    # Dead letters keep the original source values, not casted ones.
+    assert by_flight["517.5"].payload["dep_time"] == "517"
+
+
+def test_pristine_flights_give_no_rejects(worker_factory, flights_dir, pg_sink):
+    pipeline, table = make_pipeline(
+        flights_dir, "flights.csv", pg_sink, chunk_rows=100_000
+    )
+    worker_factory(concurrency=2)
+    run = wait_for_run(services.start_run(pipeline.pk).pk)
+    assert run.state == "succeeded", run.error
+    assert (run.records_read, run.records_written, run.records_rejected) == (
+        PRISTINE_ROWS,
+        PRISTINE_ROWS,
+        0,
+    )
+    assert sink_checksums(pg_sink, table) == expected_checksums()
+    # Cancelled flights (no dep_time) are valid rows.
+    (row,) = sink_query(
+        pg_sink, f'SELECT count(*) FROM "{table}" WHERE dep_time IS NULL'
+    )
+    assert row[0] == 8_255
+    # scheduled_departure is time-zone aware, in America/New_York.
+    (first,) = sink_query(
+        pg_sink,
+        f"SELECT scheduled_departure AT TIME ZONE 'America/New_York' FROM \"{table}\" "
+        "WHERE _source_ref = 'flights.csv#1'",
+    )
+    assert str(first[0]) == "2013-01-01 05:15:00"
+
+
+def test_sigkill_worker_mid_run_loses_and_duplicates_nothing(
+    worker_factory, flights_dir, pg_sink, monkeypatch
+):
+    # Fast redelivery of the killed worker's unacknowledged messages.
+    monkeypatch.setenv("CELERY_TASK_TIME_LIMIT", "20")
+    monkeypatch.setenv("CELERY_VISIBILITY_TIMEOUT", "25")
+    monkeypatch.setenv("CELERY_UNACKED_RESTORE_INTERVAL", "1")
+    pipeline, table = make_pipeline(
+        flights_dir, "flights.csv", pg_sink, chunk_rows=20_000, window=2
+    )
+    first = worker_factory("doomed", concurrency=1)
+    run = services.start_run(pipeline.pk)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done = ChunkRun.objects.filter(run_id=run.pk, state="done").count()
+        if done >= 2:
+            break
+        time.sleep(0.05)
+    first.kill()
+    run.refresh_from_db()
+    assert not run.is_terminal, run.error
+    assert 2 <= run.chunks_done < run.chunks_total
+
+    worker_factory("rescuer", concurrency=2)
+    run = wait_for_run(run.pk, timeout=240)
+    assert run.state == "succeeded", run.error
+    assert run.records_written == PRISTINE_ROWS
+    assert sink_checksums(pg_sink, table) == expected_checksums()
+    assert duplicate_keys(pg_sink, table) == 0
+
+
+def test_correlation_id_reaches_worker_logs(worker_factory, flights_dir, pg_sink, api):
+    pipeline, _ = make_pipeline(flights_dir, "flights.csv", pg_sink, chunk_rows=200_000)
+    worker = worker_factory(concurrency=1)
+    response = api.post(
+        f"/api/v1/pipelines/{pipeline.pk}/runs/",
+        {},
+        format="json",
+        HTTP_X_CORRELATION_ID="abc",
+    )
+    run = wait_for_run(response.json()["id"])
+    assert run.correlation_id == "abc"
+    import orjson
+
+    lines = []
+    for raw in worker.log().splitlines():
+        try:
+            lines.append(orjson.loads(raw))
+        except orjson.JSONDecodeError:
+            continue
+    task_lines = [line for line in lines if line.get("run_id") == run.pk]
+    assert {line.get("task") for line in task_lines} >= {
+        "integration.extract_chunk",
+        "integration.transform_chunk",
+        "integration.load_chunk",
+    }
+    wrong = [line for line in task_lines if line.get("correlation_id") != "abc"]
+    assert wrong == []
+    finished = [line for line in lines if line.get("event") == "run_finished"]
+    assert finished
+    assert finished[-1]["correlation_id"] == "abc"
+
+
+def test_run_over_error_threshold_fails_and_keeps_committed_rows(
+    worker_factory, flights_dir, pg_sink
+):
+    pipeline, table = make_pipeline(
+        flights_dir, "flights_broken.csv", pg_sink, chunk_rows=50_000, window=1
+    )
+    Pipeline.objects.filter(pk=pipeline.pk).update(max_rejected_ratio=0.0)
+    pipeline.refresh_from_db()
+    services.freeze_version(pipeline)
+    worker_factory(concurrency=1)
+    run = wait_for_run(services.start_run(pipeline.pk).pk)
+    assert run.state == "failed"
+    assert "rejected ratio" in run.error
+    assert "stay in the sink" in run.error
+    # The chunk with broken rows (the middle one) stopped the run; chunks committed
+    # before it stay, none after it started.
+    committed = ChunkRun.objects.filter(run=run, state="done")
+    (rows,) = sink_query(pg_sink, f'SELECT count(*) FROM "{table}"')
+    assert rows[0] == run.records_written == sum(c.records_written for c in committed)
+    assert ChunkRun.objects.filter(run=run, state="skipped").exists()
+    assert Run.objects.get(pk=run.pk).records_rejected == 3

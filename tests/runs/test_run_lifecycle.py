@@ -1,0 +1,207 @@
+"""Run lifecycle rules that need no worker: versions, the one-running-run index,
+starting runs through the API."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+
+from integration import services
+from integration.choices import RunState
+from integration.models import Pipeline, PipelineVersion, Run
+from tests.helpers import unique
+
+pytestmark = pytest.mark.django_db
+
+STEPS = [{"type": "map", "fields": [{"name": "id", "expr": "id", "type": "integer"}]}]
+
+
+@pytest.fixture
+def pipeline(generator_connector, sqlite_sink):
+    p = Pipeline.objects.create(
+        name=unique("p"),
+        source=generator_connector,
+        sink=sqlite_sink,
+        steps=STEPS,
+        sink_options={"table": "t"},
+    )
+    services.freeze_version(p)
+    return p
+
+
+@pytest.fixture
+def no_send(monkeypatch):
+    """Record what would be sent to the broker instead of sending it."""
+    sent: list[tuple] = []
+    from integration import orchestration
+
+    monkeypatch.setattr(
+        orchestration, "send_plan", lambda *a: sent.append(("plan", *a))
+    )
+    monkeypatch.setattr(
+        orchestration, "send_chunk", lambda *a: sent.append(("chunk", *a))
+    )
+    monkeypatch.setattr(
+        orchestration, "send_finalize", lambda *a: sent.append(("finalize", *a))
+    )
+    return sent
+
+
+def test_behaviour_change_freezes_a_new_version(pipeline):
+    first = pipeline.current_version
+    pipeline.description = "only words"
+    pipeline.save()
+    assert services.freeze_version(pipeline) == first
+    pipeline.chunk_rows = 7
+    pipeline.save()
+    second = services.freeze_version(pipeline)
+    assert second.number == first.number + 1
+    assert second.spec["chunk_rows"] == 7
+    # Back to the old behaviour: the old version again, no third one.
+    pipeline.chunk_rows = first.spec["chunk_rows"]
+    pipeline.save()
+    assert services.freeze_version(pipeline) == first
+    assert pipeline.versions.count() == 2
+
+
+def test_version_is_immutable(pipeline):
+    version = pipeline.current_version
+    version.spec = {"changed": True}
+    with pytest.raises(ValidationError, match="immutable"):
+        version.save()
+    assert PipelineVersion.objects.get(pk=version.pk).spec != {"changed": True}
+
+
+def test_database_allows_one_running_regular_run(pipeline):
+    version = pipeline.current_version
+    Run.objects.create(pipeline=pipeline, version=version, state=RunState.RUNNING)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Run.objects.create(pipeline=pipeline, version=version, state=RunState.RUNNING)
+    # Replays and backfills are not limited by it.
+    Run.objects.create(
+        pipeline=pipeline, version=version, state=RunState.RUNNING, kind="backfill"
+    )
+
+
+def test_second_run_waits_queued_until_the_first_ends(pipeline, no_send):
+    first = services.start_run(pipeline.pk)
+    second = services.start_run(pipeline.pk)
+    assert services.claim_run(first.pk) is True
+    assert services.claim_run(second.pk) is False
+    assert Run.objects.get(pk=second.pk).state == RunState.QUEUED
+    services.stop_run(first.pk, RunState.FAILED, "test")
+    # The end of the first run sends the plan of the queued one.
+    assert ("plan", second.pk, second.correlation_id) in no_send
+    assert services.claim_run(second.pk) is True
+
+
+def test_api_start_run_is_202_queued(api, pipeline, no_send):
+    response = api.post(
+        f"/api/v1/pipelines/{pipeline.pk}/runs/",
+        {},
+        format="json",
+        HTTP_X_CORRELATION_ID="corr-1",
+    )
+    assert response.status_code == 202
+    body = response.json()
+    assert body["state"] == "queued"
+    assert body["correlation_id"] == "corr-1"
+    assert body["version"] == pipeline.current_version.number
+    assert no_send == [("plan", body["id"], "corr-1")]
+    detail = api.get(f"/api/v1/runs/{body['id']}/").json()
+    assert detail["chunks"] == {
+        "pending": 0,
+        "queued": 0,
+        "running": 0,
+        "done": 0,
+        "skipped": 0,
+    }
+
+
+def test_api_start_run_on_paused_pipeline_is_409(api, pipeline, no_send):
+    Pipeline.objects.filter(pk=pipeline.pk).update(is_paused=True)
+    response = api.post(f"/api/v1/pipelines/{pipeline.pk}/runs/", {}, format="json")
+    assert response.status_code == 409
+    assert no_send == []
+
+
+def test_api_unknown_pipeline_is_404(api):
+    assert (
+        api.post("/api/v1/pipelines/987654/runs/", {}, format="json").status_code == 404
+    )
+    assert api.get("/api/v1/runs/987654/").status_code == 404
+    assert api.get("/api/v1/runs/987654/dead-letters/").status_code == 404
+
+
+def test_api_pipeline_crud_creates_versions(api, generator_connector, sqlite_sink):
+    body = {
+        "name": unique("api-p"),
+        "source": generator_connector.name,
+        "sink": sqlite_sink.name,
+        "steps": STEPS,
+        "sink_options": {"table": "t"},
+    }
+    created = api.post("/api/v1/pipelines/", body, format="json")
+    assert created.status_code == 201, created.content
+    pid = created.json()["id"]
+    assert created.json()["current_version"]["number"] == 1
+    patched = api.patch(f"/api/v1/pipelines/{pid}/", {"chunk_rows": 3}, format="json")
+    assert patched.json()["current_version"]["number"] == 2
+    renamed = api.patch(
+        f"/api/v1/pipelines/{pid}/", {"description": "d"}, format="json"
+    )
+    assert renamed.json()["current_version"]["number"] == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"source": "no-such-connector"}, "source"),
+        ({"steps": {"type": "map"}}, "steps"),
+        ({"steps": [{"type": "explode"}]}, "steps"),
+        ({"sink_options": {"table": "t", "write_mode": "merge"}}, "sink_options"),
+        ({"sink_options": {}}, "sink_options"),
+        ({"chunk_rows": 0}, "chunk_rows"),
+        ({"max_rejected_ratio": 1.5}, "max_rejected_ratio"),
+    ],
+    ids=[
+        "unknown-source",
+        "steps-not-list",
+        "unknown-step",
+        "bad-mode",
+        "no-table",
+        "zero-chunk",
+        "ratio-above-1",
+    ],
+)
+def test_api_bad_pipeline_is_400_naming_the_field(
+    api, generator_connector, sqlite_sink, change, field
+):
+    body = {
+        "name": unique("bad-p"),
+        "source": generator_connector.name,
+        "sink": sqlite_sink.name,
+        "steps": STEPS,
+        "sink_options": {"table": "t"},
+        **change,
+    }
+    response = api.post("/api/v1/pipelines/", body, format="json")
+    assert response.status_code == 400, response.content
+    assert field in response.json()
+
+
+def test_generator_cannot_be_a_sink(api, generator_connector):
+    response = api.post(
+        "/api/v1/pipelines/",
+        {
+            "name": unique("p"),
+            "source": generator_connector.name,
+            "sink": generator_connector.name,
+            "steps": STEPS,
+            "sink_options": {"table": "t"},
+        },
+        format="json",
+    )
+    assert response.status_code == 400
+    assert "cannot be a sink" in response.json()["sink"][0]
