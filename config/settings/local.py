@@ -7,11 +7,19 @@ CELERY_BROKER_URL and REDIS_URL moves it onto PostgreSQL and Redis.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from config.settings.base import *  # noqa: F403
 from config.settings.base import LOCAL_DIR, env
 
 DEBUG = env.bool("DJANGO_DEBUG", default=True)
 LOCAL_DIR.mkdir(parents=True, exist_ok=True)
+# The embedded broker's folders must exist before a worker declares its queues.
+for _folder in ("data_folder_in", "processed_folder"):
+    if _folder in CELERY_BROKER_TRANSPORT_OPTIONS:  # noqa: F405
+        Path(CELERY_BROKER_TRANSPORT_OPTIONS[_folder]).mkdir(  # noqa: F405
+            parents=True, exist_ok=True
+        )
 
 if not SECRET_KEY:  # noqa: F405
     _key_file = LOCAL_DIR / "django-secret-key"
