@@ -173,6 +173,9 @@ class Plugin:
     capabilities: ClassVar[Capabilities] = Capabilities()
     source_class: ClassVar[type[Source] | None] = None
     sink_class: ClassVar[type[Sink] | None] = None
+    #: Schemas of a pipeline's `source_options` / `sink_options` for this kind.
+    read_options_schema: ClassVar[type[marshmallow.Schema] | None] = None
+    write_options_schema: ClassVar[type[marshmallow.Schema] | None] = None
 
     @classmethod
     def secret_fields(cls) -> tuple[str, ...]:
@@ -210,6 +213,26 @@ class Plugin:
             error = ConfigError(
                 "invalid configuration: " + ", ".join(sorted(map(str, messages)))
             )
+            error.errors = messages
+            raise error from None
+
+    @classmethod
+    def validate_options(cls, side: str, options: dict[str, Any]) -> None:
+        """Check a pipeline's read (`side="source"`) or write (`"sink"`) options.
+
+        Raises:
+            ConfigError: with `.errors` mapping option name to messages.
+        """
+        schema = (
+            cls.read_options_schema if side == "source" else cls.write_options_schema
+        )
+        if schema is None:
+            return
+        try:
+            schema().load(options)
+        except marshmallow.ValidationError as exc:
+            messages = exc.normalized_messages()
+            error = ConfigError(f"invalid {side} options: {messages}")
             error.errors = messages
             raise error from None
 

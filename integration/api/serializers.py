@@ -8,6 +8,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from connectors.exceptions import ConfigError
 from connectors.models import Connector
 from integration import services
 from integration.choices import WriteMode
@@ -72,8 +73,6 @@ class PipelineSerializer(serializers.ModelSerializer):
             raise serializers.ValidationError(
                 {"write_mode": f"{mode} is not supported yet; use append"}
             )
-        if not value.get("table") and not value.get("path"):
-            raise serializers.ValidationError({"table": "this field is required"})
         return value
 
     def validate_steps(self, value: Any) -> list[Any]:
@@ -96,6 +95,18 @@ class PipelineSerializer(serializers.ModelSerializer):
             services.validate_definition(probe)
         except DjangoValidationError as exc:
             raise serializers.ValidationError(exc.message_dict) from None
+        errors = {}
+        for side in ("source", "sink"):
+            connector = attrs.get(side) or getattr(self.instance, side, None)
+            options = attrs.get(
+                f"{side}_options", getattr(self.instance, f"{side}_options", {})
+            )
+            try:
+                connector.plugin.validate_options(side, options or {})
+            except ConfigError as exc:
+                errors[f"{side}_options"] = getattr(exc, "errors", None) or str(exc)
+        if errors:
+            raise serializers.ValidationError(errors)
         return attrs
 
     def create(self, validated_data: dict[str, Any]) -> Pipeline:

@@ -499,3 +499,4 @@ class FilesPlugin(Plugin):
     config_schema = FilesConfig
     capabilities = Capabilities(source=True, discover=True, chunkable=True)
     source_class = FilesSource
+    read_options_schema = FilesReadOptions

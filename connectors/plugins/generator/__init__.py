@@ -27,6 +27,10 @@ class GeneratorConfig(marshmallow.Schema):
     rows = fields.Integer(required=True, validate=validate.Range(min=0, max=10**9))
 
 
+class GeneratorReadOptions(marshmallow.Schema):
+    """The generator reads no options."""
+
+
 SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string())])
 
 
@@ -70,3 +74,4 @@ class GeneratorPlugin(Plugin):
     config_schema = GeneratorConfig
     capabilities = Capabilities(source=True, discover=True, chunkable=True)
     source_class = GeneratorSource
+    read_options_schema = GeneratorReadOptions

@@ -46,6 +46,7 @@ from connectors.exceptions import (
 )
 from connectors.plugins.sql.common import (
     MAX_IDENTIFIER_BYTES,
+    SqlWriteOptions,
     data_fields,
     is_json,
     load_write_options,
@@ -475,3 +476,4 @@ class PostgresPlugin(Plugin):
     config_schema = PostgresConfig
     capabilities = Capabilities(sink=True, exactly_once=True)
     sink_class = PostgresSink
+    write_options_schema = SqlWriteOptions

@@ -38,6 +38,7 @@ from connectors.exceptions import (
     TransientError,
 )
 from connectors.plugins.sql.common import (
+    SqlWriteOptions,
     data_fields,
     is_json,
     load_write_options,
@@ -289,3 +290,4 @@ class SqlitePlugin(Plugin):
     config_schema = SqliteConfig
     capabilities = Capabilities(sink=True, exactly_once=True)
     sink_class = SqliteSink
+    write_options_schema = SqlWriteOptions

@@ -1,0 +1,165 @@
+"""The window of chunks in flight, task settings, dead-letter listing, the admin."""
+
+from __future__ import annotations
+
+import pytest
+
+from integration import orchestration, services, tasks
+from integration.models import ChunkRun, DeadLetter, Pipeline, Run
+from tests.helpers import unique
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+STEPS = [
+    {"type": "map", "fields": [{"name": "id", "expr": "id", "type": "integer"}]},
+    {"type": "validate", "rules": [{"field": "id", "rule": "range", "max": 95}]},
+]
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    calls: list[tuple] = []
+    monkeypatch.setattr(
+        orchestration, "send_plan", lambda *a: calls.append(("plan", *a))
+    )
+    monkeypatch.setattr(
+        orchestration, "send_chunk", lambda *a: calls.append(("chunk", *a))
+    )
+    monkeypatch.setattr(
+        orchestration, "send_finalize", lambda *a: calls.append(("finalize", *a))
+    )
+    return calls
+
+
+@pytest.fixture
+def pipeline(sqlite_sink):
+    from connectors.models import Connector
+
+    source = Connector.objects.create(
+        name=unique("gen"), kind="generator", config={"rows": 100}
+    )
+    p = Pipeline.objects.create(
+        name=unique("p"),
+        source=source,
+        sink=sqlite_sink,
+        steps=STEPS,
+        sink_options={"table": "t"},
+        chunk_rows=10,
+        max_in_flight=3,
+        max_rejected_ratio=0.5,
+    )
+    services.freeze_version(p)
+    return p
+
+
+def in_flight(run) -> int:
+    return ChunkRun.objects.filter(run=run, state__in=["queued", "running"]).count()
+
+
+def test_window_keeps_at_most_n_chunks_in_flight(pipeline, sent):
+    run = services.start_run(pipeline.pk)
+    services.plan_run(run.pk)
+    assert ChunkRun.objects.filter(run=run).count() == 10
+    assert in_flight(run) == 3
+    assert [c[2] for c in sent if c[0] == "chunk"] == [0, 1, 2]
+    # Every finished chunk lets exactly one more in, lowest seq first.
+    for _ in range(10):
+        chunk = (
+            ChunkRun.objects.filter(run=run, state__in=["queued", "running"])
+            .order_by("seq")
+            .first()
+        )
+        token = str(chunk.attempt_token)
+        for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
+            step(run.pk, chunk.seq, token)
+        assert in_flight(run) <= 3
+    assert [c[2] for c in sent if c[0] == "chunk"] == list(range(10))
+    assert [c for c in sent if c[0] == "finalize"] == [
+        ("finalize", run.pk, run.correlation_id)
+    ]
+    tasks.finalize_run(run.pk)
+    run.refresh_from_db()
+    assert run.state == "succeeded_with_errors"
+    assert (run.records_read, run.records_written, run.records_rejected) == (100, 95, 5)
+
+
+def test_dead_letters_api_lists_the_runs_rejects(api, pipeline, sent):
+    run = services.start_run(pipeline.pk)
+    services.plan_run(run.pk)
+    services.dispatch_chunks(run.pk, 10, run.correlation_id)
+    for chunk in ChunkRun.objects.filter(run=run):
+        for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
+            step(run.pk, chunk.seq, str(chunk.attempt_token))
+    body = api.get(f"/api/v1/runs/{run.pk}/dead-letters/").json()
+    assert body["count"] == 5
+    first = body["results"][0]
+    assert first["step"] == "validate"
+    assert first["payload"] == {"id": "96", "label": "row-96"}
+    assert first["source_ref"] == "gen#96"
+    assert "id" in first["error"] and "96" in first["error"]
+    filtered = api.get("/api/v1/dead-letters/", {"run": run.pk, "step": "map"}).json()
+    assert filtered["count"] == 0
+    assert api.get("/api/v1/dead-letters/", {"state": "bogus"}).status_code == 400
+    detail = api.get(f"/api/v1/runs/{run.pk}/").json()
+    assert detail["chunks"]["done"] == 10
+    assert detail["records_dead_lettered"] == 5
+
+
+def test_chunk_tasks_are_crash_safe_and_retry_transient_errors():
+    from connectors.exceptions import TransientError
+
+    for task in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
+        assert task.acks_late is True
+        assert task.reject_on_worker_lost is True
+        assert TransientError in task.autoretry_for
+        assert task.retry_jitter is True
+        assert task.retry_backoff
+        assert 0 < task.soft_time_limit < task.time_limit
+
+
+def test_admin_run_now_queues_a_run(client, admin_user_obj, pipeline, sent):
+    client.force_login(admin_user_obj)
+    response = client.post(
+        "/admin/integration/pipeline/",
+        {"action": "run_now", "_selected_action": [pipeline.pk]},
+    )
+    assert response.status_code == 302
+    run = Run.objects.get(pipeline=pipeline)
+    assert (run.state, run.trigger, run.requested_by_id) == (
+        "queued",
+        "manual",
+        admin_user_obj.pk,
+    )
+    assert sent == [("plan", run.pk, run.correlation_id)]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/admin/connectors/connector/?q=x&kind=generator",
+        "/admin/connectors/credential/?q=x",
+        "/admin/integration/pipeline/?q=x&mode=batch",
+        "/admin/integration/pipelineversion/?q=x",
+        "/admin/integration/run/?q=x&state=running",
+        "/admin/integration/chunkrun/?state=done",
+        "/admin/integration/deadletter/?q=x&state=open",
+        "/admin/knox/authtoken/",
+        "/admin/integration/pipeline/add/",
+        "/admin/connectors/connector/add/",
+    ],
+)
+def test_admin_pages_load(client, admin_user_obj, pipeline, url):
+    client.force_login(admin_user_obj)
+    assert client.get(url).status_code == 200
+
+
+def test_admin_run_page_shows_chunks(client, admin_user_obj, pipeline, sent):
+    run = services.start_run(pipeline.pk)
+    services.plan_run(run.pk)
+    DeadLetter.objects.create(
+        run=run, pipeline=pipeline, chunk_seq=0, step="map", error="e", payload={}
+    )
+    client.force_login(admin_user_obj)
+    page = client.get(f"/admin/integration/run/{run.pk}/change/")
+    assert page.status_code == 200
+    assert b"Chunk run" in page.content
