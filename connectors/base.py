@@ -74,6 +74,24 @@ class WriteResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ConnectorContext:
+    """What the service lends a connector at run time (plain values, no Django).
+
+    Attributes:
+        name: the connector's name: the key of its shared breaker and rate limit.
+        redis_url: Redis for state shared by every worker (token bucket, breaker).
+        allowed_networks: CIDRs a user-supplied URL may reach although private or
+            link-local (the SSRF guard's allow-list).
+        correlation_id: sent on outgoing requests and messages.
+    """
+
+    name: str = ""
+    redis_url: str | None = None
+    allowed_networks: tuple[str, ...] = ()
+    correlation_id: str | None = None
+
+
 #: Called by a sink inside its write transaction, after taking the chunk lock and
 #: before committing; returns False when the attempt has been superseded.
 Fence = Callable[[], bool]
@@ -95,8 +113,11 @@ class Source:
     topic/partition/offset, primary key...) so every output row can be traced back.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(
+        self, config: dict[str, Any], context: ConnectorContext | None = None
+    ) -> None:
         self.config = config
+        self.context = context or ConnectorContext()
 
     def check(self) -> CheckResult:
         raise NotImplementedError
@@ -123,8 +144,11 @@ class Source:
 class Sink:
     """Writes Arrow batches, idempotently per (run, chunk)."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(
+        self, config: dict[str, Any], context: ConnectorContext | None = None
+    ) -> None:
         self.config = config
+        self.context = context or ConnectorContext()
 
     def check(self) -> CheckResult:
         raise NotImplementedError
@@ -237,22 +261,32 @@ class Plugin:
             raise error from None
 
     @classmethod
-    def source(cls, config: dict[str, Any]) -> Source:
+    def source(
+        cls, config: dict[str, Any], context: ConnectorContext | None = None
+    ) -> Source:
         if cls.source_class is None:
             raise ConfigError(f"connector kind {cls.kind!r} cannot be a source")
-        return cls.source_class(config)
+        return cls.source_class(config, context)
 
     @classmethod
-    def sink(cls, config: dict[str, Any]) -> Sink:
+    def sink(
+        cls, config: dict[str, Any], context: ConnectorContext | None = None
+    ) -> Sink:
         if cls.sink_class is None:
             raise ConfigError(f"connector kind {cls.kind!r} cannot be a sink")
-        return cls.sink_class(config)
+        return cls.sink_class(config, context)
 
     @classmethod
-    def check(cls, config: dict[str, Any]) -> CheckResult:
+    def check(
+        cls, config: dict[str, Any], context: ConnectorContext | None = None
+    ) -> CheckResult:
         """Check the connection with whichever side the kind has."""
         started = time.perf_counter()
-        side = cls.source(config) if cls.source_class else cls.sink(config)
+        side = (
+            cls.source(config, context)
+            if cls.source_class
+            else cls.sink(config, context)
+        )
         try:
             result = side.check()
         finally:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 
 from connectors import registry
+from connectors.base import ConnectorContext
 from connectors.choices import CheckStatus
 from connectors.crypto import keyring
 from connectors.exceptions import ConfigError, RegistryError
@@ -109,8 +111,17 @@ class Connector(models.Model):
             self.config or {}, self._secrets_for_validation()
         )
 
-    def open_source(self) -> Any:
-        return self.plugin.source(self.loaded_config())
+    def context(self, correlation_id: str | None = None) -> ConnectorContext:
+        """What the plugin may use of the service: shared Redis, the SSRF allow-list."""
+        return ConnectorContext(
+            name=self.name,
+            redis_url=settings.REDIS_URL or None,
+            allowed_networks=tuple(settings.DIS_ALLOWED_NETWORKS),
+            correlation_id=correlation_id,
+        )
 
-    def open_sink(self) -> Any:
-        return self.plugin.sink(self.loaded_config())
+    def open_source(self, correlation_id: str | None = None) -> Any:
+        return self.plugin.source(self.loaded_config(), self.context(correlation_id))
+
+    def open_sink(self, correlation_id: str | None = None) -> Any:
+        return self.plugin.sink(self.loaded_config(), self.context(correlation_id))

@@ -21,7 +21,7 @@ def test_connection(connector_id: int) -> CheckResult:
     """
     connector = Connector.objects.select_related("credential").get(pk=connector_id)
     try:
-        result = connector.plugin.check(connector.loaded_config())
+        result = connector.plugin.check(connector.loaded_config(), connector.context())
     except ConnectorError as exc:
         result = CheckResult(False, str(exc))
     except Exception as exc:  # noqa: BLE001 - any failure is the check's answer

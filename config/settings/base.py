@@ -225,8 +225,9 @@ DIS_DEFAULT_CHUNK_ROWS = env.int("DIS_DEFAULT_CHUNK_ROWS", default=50_000)
 DIS_DEFAULT_WINDOW = env.int("DIS_DEFAULT_WINDOW", default=4)
 DIS_ENGINE_THREADS = env.int("DIS_ENGINE_THREADS", default=1)
 DIS_ENGINE_MEMORY_LIMIT = env.str("DIS_ENGINE_MEMORY_LIMIT", default="1GB")
-#: Roots that files connectors may read from (empty: any).
-DIS_FILES_ROOTS = env.list("DIS_FILES_ROOTS", default=[])
+#: Private or link-local networks (CIDRs) that user-supplied URLs may reach anyway
+#: (the SSRF guard denies them otherwise), e.g. "10.1.0.0/16,127.0.0.1/32".
+DIS_ALLOWED_NETWORKS = env.list("DIS_ALLOWED_NETWORKS", default=[])
 
 # --- Secrets --------------------------------------------------------------------
 #: Fernet keys, newest first (comma-separated). The first encrypts; all decrypt.

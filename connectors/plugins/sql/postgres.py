@@ -32,6 +32,7 @@ from connectors.base import (
     SYSTEM_COLUMNS,
     Capabilities,
     CheckResult,
+    ConnectorContext,
     Fence,
     Plugin,
     Sink,
@@ -236,8 +237,10 @@ def csv_ready(table: pa.Table) -> pa.Table:
 class PostgresSink(Sink):
     """Appends batches to a PostgreSQL table, replacing earlier attempts of a chunk."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(config)
+    def __init__(
+        self, config: dict[str, Any], context: ConnectorContext | None = None
+    ) -> None:
+        super().__init__(config, context)
         self._kwargs = connection_kwargs(config)
 
     # -- naming --------------------------------------------------------------------
