@@ -43,10 +43,13 @@ class ChunkState(models.TextChoices):
     RUNNING = "running", "Running"
     DONE = "done", "Done"
     SKIPPED = "skipped", "Skipped (run stopped)"
+    QUARANTINED = "quarantined", "Quarantined (killed its worker too often)"
 
 
 CHUNK_IN_FLIGHT = (ChunkState.QUEUED, ChunkState.RUNNING)
-CHUNK_FINISHED = (ChunkState.DONE, ChunkState.SKIPPED)
+CHUNK_FINISHED = (ChunkState.DONE, ChunkState.SKIPPED, ChunkState.QUARANTINED)
+#: Chunks a resumed run runs again.
+CHUNK_RESUMABLE = (ChunkState.SKIPPED, ChunkState.QUARANTINED)
 
 
 class PipelineMode(models.TextChoices):

@@ -11,5 +11,9 @@ class PipelinePausedError(IntegrationError):
     """The pipeline is paused: no run starts."""
 
 
-class PipelineInvalidError(IntegrationError):
-    """The pipeline's definition cannot run (bad steps, wrong connector side)."""
+class ResumeRefusedError(IntegrationError):
+    """A run cannot be resumed (wrong state, or its source changed since the plan)."""
+
+
+class IdempotencyConflictError(IntegrationError):
+    """An Idempotency-Key was used before with a different request."""

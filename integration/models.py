@@ -78,6 +78,32 @@ class Pipeline(models.Model):
         max_length=10, choices=OverlapPolicy.choices, default=OverlapPolicy.QUEUE
     )
     is_paused = models.BooleanField(default=False)
+    max_run_seconds = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="A run still going after this many seconds fails (empty: no limit).",
+    )
+    schedule_cron = models.CharField(
+        max_length=100,
+        blank=True,
+        help_text="Cron expression (minute hour day month weekday), e.g. '0 2 * * *'.",
+    )
+    schedule_timezone = models.CharField(max_length=64, default="UTC")
+    schedule_interval_seconds = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Run every N seconds (instead of cron)."
+    )
+    periodic_task = models.OneToOneField(
+        "django_celery_beat.PeriodicTask",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        editable=False,
+        related_name="+",
+    )
+    notify_url = models.URLField(
+        blank=True,
+        help_text="Webhook called on failed and succeeded_with_errors runs.",
+    )
     current_version = models.ForeignKey(
         "PipelineVersion",
         on_delete=models.PROTECT,
@@ -174,6 +200,9 @@ class Run(models.Model):
         "auth.User", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
     params = models.JSONField(default=dict, blank=True)
+    idempotency_key = models.CharField(max_length=200, blank=True, default="")
+    request_hash = models.CharField(max_length=64, blank=True, default="")
+    resumed_count = models.PositiveIntegerField(default=0)
     source_fingerprint = models.CharField(max_length=200, blank=True)
     chunks_total = models.PositiveIntegerField(default=0)
     chunks_done = models.PositiveIntegerField(default=0)
@@ -198,7 +227,13 @@ class Run(models.Model):
                 fields=["pipeline"],
                 condition=Q(state="running", kind="regular"),
                 name="run_one_running_regular_per_pipeline",
-            )
+            ),
+            # The same Idempotency-Key returns the same run.
+            models.UniqueConstraint(
+                fields=["pipeline", "idempotency_key"],
+                condition=~Q(idempotency_key=""),
+                name="run_unique_idempotency_key",
+            ),
         ]
         indexes = [models.Index(fields=["pipeline", "state"])]
 
@@ -239,10 +274,15 @@ class ChunkRun(models.Model):
     seq = models.PositiveIntegerField()
     spec = models.JSONField()
     state = models.CharField(
-        max_length=10, choices=ChunkState.choices, default=ChunkState.PENDING
+        max_length=12, choices=ChunkState.choices, default=ChunkState.PENDING
     )
     attempt_token = models.UUIDField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
+    #: The task step last started and whether it finished: a step found still open
+    #: when it starts again killed its worker (counted in `crashes`).
+    step = models.CharField(max_length=20, blank=True)
+    step_open = models.BooleanField(default=False)
+    crashes = models.PositiveIntegerField(default=0)
     records_read = models.BigIntegerField(default=0)
     records_written = models.BigIntegerField(default=0)
     records_rejected = models.BigIntegerField(default=0)
@@ -289,7 +329,20 @@ class DeadLetter(models.Model):
         default=DeadLetterState.OPEN,
         db_index=True,
     )
+    replay_run = models.ForeignKey(
+        Run,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="replayed_dead_letters",
+        help_text="The run that replayed this record successfully.",
+    )
+    discard_reason = models.TextField(blank=True)
+    edited = models.BooleanField(
+        default=False, help_text="The payload was edited after the rejection."
+    )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["-id"]

@@ -24,13 +24,19 @@ from integration import orchestration
 from integration.choices import (
     CHUNK_FINISHED,
     CHUNK_IN_FLIGHT,
+    CHUNK_RESUMABLE,
     ChunkState,
+    DeadLetterState,
     OverlapPolicy,
     RunKind,
     RunState,
     RunTrigger,
 )
-from integration.exceptions import PipelinePausedError
+from integration.exceptions import (
+    IdempotencyConflictError,
+    PipelinePausedError,
+    ResumeRefusedError,
+)
 from integration.models import ChunkRun, DeadLetter, Pipeline, PipelineVersion, Run
 
 logger = structlog.get_logger(__name__)
@@ -111,18 +117,35 @@ def start_run(
     correlation_id: str | None = None,
     requested_by_id: int | None = None,
     params: dict[str, Any] | None = None,
+    idempotency_key: str = "",
+    request_hash: str = "",
 ) -> Run | None:
     """Create a queued run of the pipeline's current version and send its plan.
 
     Returns None when the overlap policy skips it (a scheduled run while one is
-    active and the policy is `skip`).
+    active and the policy is `skip`). With an `idempotency_key` seen before for this
+    pipeline, returns that run (its `replayed` attribute set) instead of a new one.
 
     Raises:
         PipelinePausedError: the pipeline is paused.
+        IdempotencyConflictError: the key was used with another request.
     """
     cid = correlation_id or correlation.current() or correlation.new_id()
     with transaction.atomic():
+        # The row lock serialises run requests of one pipeline, so the key lookup
+        # below cannot race (the unique constraint is the backstop).
         pipeline = Pipeline.objects.select_for_update().get(pk=pipeline_id)
+        if idempotency_key:
+            existing = Run.objects.filter(
+                pipeline=pipeline, idempotency_key=idempotency_key
+            ).first()
+            if existing is not None:
+                if existing.request_hash != request_hash:
+                    raise IdempotencyConflictError(
+                        "this Idempotency-Key was used with a different request"
+                    )
+                existing.replayed = True
+                return existing
         if pipeline.is_paused:
             raise PipelinePausedError(f"pipeline {pipeline.name} is paused")
         version = pipeline.current_version or freeze_version(pipeline)
@@ -141,6 +164,8 @@ def start_run(
             correlation_id=cid,
             requested_by_id=requested_by_id,
             params=params or {},
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
         )
         orchestration.send_plan(run.pk, cid)
     logger.info("run_queued", run_id=run.pk, pipeline=pipeline.name, trigger=trigger)
@@ -166,10 +191,11 @@ def claim_run(run_id: int) -> bool:
 
 
 def plan_run(run_id: int) -> None:
-    """Ask the source for chunks, store them, prepare the sink, fill the window.
+    """Claim the run, plan its chunks once, prepare the sink, fill the window.
 
-    Safe to run twice: a run that was planned already is left alone; one whose
-    planning was interrupted is planned again from scratch (no chunk of it was sent).
+    Safe to run twice: a planned run only gets its window topped up (this is also
+    how a resumed run restarts); a run whose planning was interrupted is planned
+    again from scratch (no chunk of it was sent).
     """
     from integration import runtime
 
@@ -178,37 +204,64 @@ def plan_run(run_id: int) -> None:
         logger.info("run_waits_for_active_run", run_id=run_id)
         return
     run.refresh_from_db()
-    if run.state != RunState.RUNNING or run.planned_at is not None:
+    if run.state != RunState.RUNNING:
         return
     spec = run.version.spec
+    if run.planned_at is None:
+        _plan_chunks(run)
     compiled = runtime.compiled_version(run.version_id)
-    source = runtime.open_source(spec["source"]["connector"])
     sink = runtime.open_sink(spec["sink"]["connector"])
     try:
-        fingerprint = source.fingerprint(spec["source"]["options"]) or ""
-        chunks = [
-            ChunkRun(run_id=run_id, seq=c.seq, spec=c.spec)
-            for c in source.plan(
-                spec["source"]["options"], chunk_rows=spec["chunk_rows"]
-            )
-        ]
         sink.prepare(spec["sink"]["options"], compiled.output_schema)
     finally:
-        source.close()
         sink.close()
     with transaction.atomic():
-        ChunkRun.objects.filter(run_id=run_id).delete()
+        chunks = ChunkRun.objects.filter(run_id=run_id)
+        if not chunks.unfinished().exists():
+            orchestration.send_finalize(run_id, run.correlation_id)
+            return
+        in_flight = chunks.filter(state__in=CHUNK_IN_FLIGHT).count()
+        dispatch_chunks(
+            run_id, max(0, run.pipeline.max_in_flight - in_flight), run.correlation_id
+        )
+
+
+def _plan_chunks(run: Run) -> None:
+    """Store the run's chunk plan: the source's chunks, or the dead letters replayed."""
+    from integration import runtime
+
+    spec = run.version.spec
+    fingerprint = ""
+    if run.kind == RunKind.REPLAY:
+        ids = sorted(run.params.get("dead_letter_ids", []))
+        size = spec["chunk_rows"]
+        chunks = [
+            ChunkRun(
+                run_id=run.pk, seq=seq, spec={"dead_letter_ids": ids[i : i + size]}
+            )
+            for seq, i in enumerate(range(0, len(ids), size))
+        ]
+    else:
+        source = runtime.open_source(spec["source"]["connector"])
+        try:
+            fingerprint = source.fingerprint(spec["source"]["options"]) or ""
+            chunks = [
+                ChunkRun(run_id=run.pk, seq=c.seq, spec=c.spec)
+                for c in source.plan(
+                    spec["source"]["options"], chunk_rows=spec["chunk_rows"]
+                )
+            ]
+        finally:
+            source.close()
+    with transaction.atomic():
+        ChunkRun.objects.filter(run_id=run.pk).delete()
         ChunkRun.objects.bulk_create(chunks, batch_size=1000)
-        Run.objects.filter(pk=run_id).update(
+        Run.objects.filter(pk=run.pk).update(
             chunks_total=len(chunks),
             planned_at=timezone.now(),
             source_fingerprint=fingerprint[:200],
         )
-        logger.info("run_planned", run_id=run_id, chunks=len(chunks))
-        if chunks:
-            dispatch_chunks(run_id, run.pipeline.max_in_flight, run.correlation_id)
-        else:
-            orchestration.send_finalize(run_id, run.correlation_id)
+    logger.info("run_planned", run_id=run.pk, chunks=len(chunks))
 
 
 def dispatch_chunks(run_id: int, limit: int, correlation_id: str) -> int:
@@ -352,6 +405,11 @@ def dead_letters_from(
         return []
     payload_cols = [c for c in rejected.column_names if c not in REJECT_META_COLUMNS]
     payloads = rejected.select(payload_cols).to_pylist()
+    if "_raw" in rejected.column_names:
+        # A row the reader could not split into fields: its raw text is the record.
+        for i, raw in enumerate(rejected.column("_raw").to_pylist()):
+            if raw is not None:
+                payloads[i] = {"_raw": raw}
     errors = rejected.column("_error").to_pylist()
     steps = rejected.column("_step").to_pylist()
     refs = (
@@ -371,6 +429,45 @@ def dead_letters_from(
         )
         for payload, error, step, ref in zip(payloads, errors, steps, refs, strict=True)
     ]
+
+
+def admit_chunk(attempt: Attempt, *, read: int, rejected: pa.Table) -> bool:
+    """The error policy, before a chunk commits: False stops the run as failed.
+
+    The ratio counts committed chunks plus this one. A chunk that would push it
+    above the pipeline's limit is not written; its rejected rows still become dead
+    letters so operators see why, and a resumed run processes it again.
+    """
+    if rejected.num_rows == 0:
+        return True
+    run = Run.objects.get(pk=attempt.run_id)
+    limit = attempt.version_spec["max_rejected_ratio"]
+    total_read = run.records_read + read
+    ratio = (run.records_rejected + rejected.num_rows) / total_read if total_read else 1
+    if ratio <= limit:
+        return True
+    reason = (
+        f"chunk {attempt.seq} has {rejected.num_rows} rejected of {read} rows: the "
+        f"rejected ratio would be {ratio:.4f}, above the pipeline's limit {limit}. "
+        f"No new chunk starts; {run.records_written} rows committed by "
+        f"{run.chunks_done} earlier chunk(s) stay in the sink. The dead letters "
+        "show why; fix the pipeline and resume the run."
+    )
+    with transaction.atomic():
+        if stop_run(attempt.run_id, RunState.FAILED, reason):
+            DeadLetter.objects.filter(
+                run_id=attempt.run_id, chunk_seq=attempt.seq
+            ).delete()
+            DeadLetter.objects.bulk_create(
+                dead_letters_from(
+                    rejected,
+                    run_id=attempt.run_id,
+                    pipeline_id=run.pipeline_id,
+                    seq=attempt.seq,
+                ),
+                batch_size=1000,
+            )
+    return False
 
 
 def complete_chunk(attempt: Attempt, counts: ChunkCounts, rejected: pa.Table) -> bool:
@@ -397,11 +494,14 @@ def complete_chunk(attempt: Attempt, counts: ChunkCounts, rejected: pa.Table) ->
         if not updated:
             return False
         run = Run.objects.select_related("pipeline").get(pk=run_id)
-        DeadLetter.objects.filter(run_id=run_id, chunk_seq=seq).delete()
-        letters = dead_letters_from(
-            rejected, run_id=run_id, pipeline_id=run.pipeline_id, seq=seq
-        )
-        DeadLetter.objects.bulk_create(letters, batch_size=1000)
+        if run.kind == RunKind.REPLAY:
+            letters = _settle_replayed(run, attempt.chunk_spec, rejected)
+        else:
+            DeadLetter.objects.filter(run_id=run_id, chunk_seq=seq).delete()
+            letters = dead_letters_from(
+                rejected, run_id=run_id, pipeline_id=run.pipeline_id, seq=seq
+            )
+            DeadLetter.objects.bulk_create(letters, batch_size=1000)
         Run.objects.filter(pk=run_id).update(
             chunks_done=F("chunks_done") + 1,
             records_read=F("records_read") + counts.read,
@@ -436,6 +536,139 @@ def complete_chunk(attempt: Attempt, counts: ChunkCounts, rejected: pa.Table) ->
     return True
 
 
+def _settle_replayed(
+    run: Run, chunk_spec: dict[str, Any], rejected: pa.Table
+) -> list[DeadLetter]:
+    """After a replay chunk committed: its records that passed are `replayed` by this
+    run; those rejected again stay open with the new error and one more attempt."""
+    ids = chunk_spec["dead_letter_ids"]
+    again = {
+        ref: (error, step)
+        for ref, error, step in zip(
+            rejected.column(SOURCE_REF_COLUMN).to_pylist(),
+            rejected.column("_error").to_pylist(),
+            rejected.column("_step").to_pylist(),
+            strict=True,
+        )
+    }
+    letters = list(DeadLetter.objects.filter(pk__in=ids, state=DeadLetterState.OPEN))
+    failed = []
+    for letter in letters:
+        if letter.source_ref in again:
+            letter.error, letter.step = again[letter.source_ref]
+            letter.attempts += 1
+            failed.append(letter)
+        else:
+            letter.state = DeadLetterState.REPLAYED
+            letter.replay_run = run
+    DeadLetter.objects.bulk_update(
+        letters, ["state", "replay_run", "error", "step", "attempts", "updated_at"]
+    )
+    return failed
+
+
+# --- Dead letters -----------------------------------------------------------------
+
+
+def replay_dead_letters(
+    ids: list[int],
+    *,
+    version_id: int | None = None,
+    correlation_id: str | None = None,
+    requested_by_id: int | None = None,
+) -> Run:
+    """Start a replay run of open dead letters of one pipeline.
+
+    The records go through the pipeline's current version (or `version_id`) into its
+    sink; each one that passes is marked replayed by the new run.
+
+    Raises:
+        ValidationError: no open dead letters, several pipelines, a foreign version.
+    """
+    letters = DeadLetter.objects.filter(pk__in=ids, state=DeadLetterState.OPEN)
+    pipelines = set(letters.values_list("pipeline_id", flat=True))
+    if not pipelines:
+        raise ValidationError({"ids": "no open dead letters among these"})
+    if len(pipelines) > 1:
+        raise ValidationError(
+            {
+                "ids": "dead letters of several pipelines: replay "
+                "each pipeline's separately"
+            }
+        )
+    (pipeline_id,) = pipelines
+    cid = correlation_id or correlation.current() or correlation.new_id()
+    with transaction.atomic():
+        pipeline = Pipeline.objects.select_for_update().get(pk=pipeline_id)
+        if version_id is None:
+            version = pipeline.current_version or freeze_version(pipeline)
+        else:
+            version = PipelineVersion.objects.filter(
+                pk=version_id, pipeline=pipeline
+            ).first()
+            if version is None:
+                raise ValidationError(
+                    {"version": f"not a version of pipeline {pipeline.name}"}
+                )
+        run = Run.objects.create(
+            pipeline=pipeline,
+            version=version,
+            kind=RunKind.REPLAY,
+            trigger=RunTrigger.API,
+            correlation_id=cid,
+            requested_by_id=requested_by_id,
+            params={"dead_letter_ids": sorted(letters.values_list("pk", flat=True))},
+        )
+        orchestration.send_plan(run.pk, cid)
+    logger.info(
+        "replay_queued", run_id=run.pk, dead_letters=len(run.params["dead_letter_ids"])
+    )
+    return run
+
+
+def discard_dead_letters(ids: list[int], reason: str) -> int:
+    """Mark open dead letters discarded with a reason; returns how many."""
+    return DeadLetter.objects.filter(pk__in=ids, state=DeadLetterState.OPEN).update(
+        state=DeadLetterState.DISCARDED,
+        discard_reason=reason,
+        updated_at=timezone.now(),
+    )
+
+
+def replay_table(chunk_spec: dict[str, Any]) -> pa.Table:
+    """The records of a replay chunk: the dead letters' payloads as they were read."""
+    rows = list(
+        DeadLetter.objects.filter(pk__in=chunk_spec["dead_letter_ids"])
+        .order_by("pk")
+        .values_list("payload", "source_ref")
+    )
+    payloads = [dict(p) for p, _ in rows]
+    raws = [p.pop("_raw", None) for p in payloads]
+    columns: dict[str, None] = {}
+    for p in payloads:
+        columns.update(dict.fromkeys(p))
+    # Payload values are the source's values as read: text, or null.
+    payloads = [
+        {k: None if v is None else str(v) for k, v in p.items()} for p in payloads
+    ]
+    table = pa.table(
+        {
+            **{c: pa.array([p.get(c) for p in payloads], pa.string()) for c in columns},
+            SOURCE_REF_COLUMN: pa.array([ref for _, ref in rows], pa.string()),
+        }
+    )
+    if any(raw is not None for raw in raws):
+        # Records the reader could not split stay unreadable until edited.
+        unreadable = "the record could not be read into fields: edit its payload"
+        table = table.append_column(
+            "_read_error",
+            pa.array(
+                [unreadable if r is not None else None for r in raws], pa.string()
+            ),
+        ).append_column("_raw", pa.array(raws, pa.string()))
+    return table
+
+
 # --- Ending runs ------------------------------------------------------------------
 
 
@@ -451,13 +684,92 @@ def stop_run(run_id: int, state: str, reason: str) -> bool:
         )
         if not updated:
             return False
-        ChunkRun.objects.filter(run_id=run_id, state=ChunkState.PENDING).update(
+        # Chunks in flight are skipped too: their tasks find them finished and stop,
+        # and the sink's fence refuses a commit of a stopped run.
+        ChunkRun.objects.filter(run_id=run_id).unfinished().update(
             state=ChunkState.SKIPPED, finished_at=timezone.now()
         )
         run = Run.objects.get(pk=run_id)
         promote_next(run.pipeline_id)
     logger.warning("run_stopped", run_id=run_id, state=state, reason=reason)
     return True
+
+
+def cancel_run(run_id: int, reason: str = "cancelled by an operator") -> bool:
+    """Cancel a queued or running run: no new chunk starts, none commits any more.
+
+    Returns False when the run had already ended.
+    """
+    with transaction.atomic():
+        if Run.objects.filter(pk=run_id, state=RunState.QUEUED).update(
+            state=RunState.CANCELLED, error=reason, finished_at=timezone.now()
+        ):
+            logger.info("run_cancelled", run_id=run_id, reason=reason)
+            return True
+    return stop_run(run_id, RunState.CANCELLED, reason)
+
+
+def resume_run(run_id: int, *, use_current_version: bool = False) -> Run:
+    """Run again the chunks of a failed or cancelled run that were not committed.
+
+    The stored chunk plan is reused, so the source must be unchanged since the plan
+    (its fingerprint is compared). With `use_current_version` the pipeline's current
+    version (a corrected mapping, say) processes the remaining chunks, provided it
+    reads the source the same way.
+
+    Raises:
+        ResumeRefusedError: with the reason.
+    """
+    from integration import runtime
+
+    run = Run.objects.select_related("pipeline", "version").get(pk=run_id)
+    if run.state not in (RunState.FAILED, RunState.CANCELLED):
+        raise ResumeRefusedError(
+            f"run {run_id} is {run.state}; only failed or cancelled runs can be resumed"
+        )
+    if run.planned_at is None:
+        raise ResumeRefusedError(f"run {run_id} was never planned; start a new run")
+    version = run.version
+    if use_current_version:
+        pipeline = run.pipeline
+        version = pipeline.current_version or freeze_version(pipeline)
+        for key in ("source", "chunk_rows"):
+            if version.spec[key] != run.version.spec[key]:
+                raise ResumeRefusedError(
+                    f"version {version.number} reads the source differently "
+                    f"({key} changed): the stored chunk plan does not fit it"
+                )
+    spec = version.spec["source"]
+    source = runtime.open_source(spec["connector"])
+    try:
+        fingerprint = (source.fingerprint(spec["options"]) or "")[:200]
+    finally:
+        source.close()
+    if fingerprint != run.source_fingerprint:
+        raise ResumeRefusedError(
+            "the source changed since the run was planned "
+            f"(fingerprint {run.source_fingerprint or '-'} -> {fingerprint or '-'}); "
+            "start a new run instead"
+        )
+    with transaction.atomic():
+        reopened = ChunkRun.objects.filter(
+            run_id=run_id, state__in=CHUNK_RESUMABLE
+        ).update(state=ChunkState.PENDING, step_open=False, crashes=0)
+        updated = Run.objects.filter(
+            pk=run_id, state__in=(RunState.FAILED, RunState.CANCELLED)
+        ).update(
+            state=RunState.QUEUED,
+            version=version,
+            error="",
+            finished_at=None,
+            resumed_count=F("resumed_count") + 1,
+        )
+        if not updated:
+            raise ResumeRefusedError(f"run {run_id} changed state meanwhile")
+        orchestration.send_plan(run_id, run.correlation_id)
+    logger.info("run_resumed", run_id=run_id, chunks=reopened, version=version.number)
+    run.refresh_from_db()
+    return run
 
 
 def fail_run(run_id: int, reason: str) -> bool:

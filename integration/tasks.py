@@ -20,6 +20,7 @@ from connectors.exceptions import (
     TransientError,
 )
 from integration import runtime, services, staging
+from transforms.engine import EngineResult
 
 logger = structlog.get_logger(__name__)
 
@@ -73,13 +74,16 @@ def extract_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
         return
     from connectors.base import Chunk
 
-    spec = attempt.version_spec["source"]
-    source = runtime.open_source(spec["connector"])
-    try:
-        batches = list(source.read(spec["options"], Chunk(seq, attempt.chunk_spec)))
-    finally:
-        source.close()
-    table = pa.Table.from_batches(batches) if batches else pa.table({})
+    if "dead_letter_ids" in attempt.chunk_spec:  # a replay run reads dead letters
+        table = services.replay_table(attempt.chunk_spec)
+    else:
+        spec = attempt.version_spec["source"]
+        source = runtime.open_source(spec["connector"])
+        try:
+            batches = list(source.read(spec["options"], Chunk(seq, attempt.chunk_spec)))
+        finally:
+            source.close()
+        table = pa.Table.from_batches(batches) if batches else pa.table({})
     size = staging.stage().put(_key(attempt, "extract"), table)
     logger.info("chunk_extracted", rows=table.num_rows, staged_bytes=size)
 
@@ -127,7 +131,14 @@ def transform_table(version_id: int, table: pa.Table) -> tuple[pa.Table, pa.Tabl
         table = table.drop_columns(
             [c for c in ("_read_error", "_raw") if c in table.column_names]
         )
-    result = compiled.run(table)
+    if table.num_rows == 0 and unreadable is not None:
+        # Nothing readable: the engine has no columns to bind its steps to.
+        output = compiled.output_schema.empty_table().append_column(
+            "_source_ref", pa.array([], pa.string())
+        )
+        result = EngineResult(output, pa.table({}), 0, 0)
+    else:
+        result = compiled.run(table)
     rejected = result.rejected
     if unreadable is not None and unreadable.num_rows:
         errors = unreadable.column("_read_error")
@@ -154,6 +165,10 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
         services.restart_chunk(run_id, seq, token, "transformed batch missing")
         return
     meta = output.schema.metadata or {}
+    rows_in = int(meta.get(b"dis.rows_in", b"0"))
+    if not services.admit_chunk(attempt, read=rows_in, rejected=rejected):
+        stage.delete(*keys)
+        return
     spec = attempt.version_spec["sink"]
     sink = runtime.open_sink(spec["connector"])
     try:
@@ -170,7 +185,7 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     finally:
         sink.close()
     counts = services.ChunkCounts(
-        read=int(meta.get(b"dis.rows_in", b"0")),
+        read=rows_in,
         written=result.rows_written,
         rejected=rejected.num_rows,
         filtered=int(meta.get(b"dis.filtered", b"0")),

@@ -126,6 +126,7 @@ class ChunkProgressSerializer(serializers.Serializer):
     running = serializers.IntegerField()
     done = serializers.IntegerField()
     skipped = serializers.IntegerField()
+    quarantined = serializers.IntegerField()
 
 
 class RunSerializer(serializers.ModelSerializer):
@@ -185,7 +186,18 @@ class StartRunSerializer(serializers.Serializer):
     params = serializers.DictField(required=False, default=dict)
 
 
+class ResumeRunSerializer(serializers.Serializer):
+    """Body of a resume request."""
+
+    use_current_version = serializers.BooleanField(
+        default=False,
+        help_text="Process the remaining chunks with the pipeline's current version.",
+    )
+
+
 class DeadLetterSerializer(serializers.ModelSerializer):
+    """A dead letter; only an open one's `payload` can be edited (then replayed)."""
+
     pipeline = serializers.SlugRelatedField(slug_field="name", read_only=True)
 
     class Meta:
@@ -202,6 +214,63 @@ class DeadLetterSerializer(serializers.ModelSerializer):
             "source_ref",
             "attempts",
             "state",
+            "replay_run",
+            "discard_reason",
+            "edited",
             "created_at",
+            "updated_at",
         ]
-        read_only_fields = fields
+        read_only_fields = [f for f in fields if f != "payload"]
+
+    def validate_payload(self, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("must be an object of field values")
+        if self.instance is not None and self.instance.state != "open":
+            raise serializers.ValidationError(
+                f"the dead letter is {self.instance.state}; only open ones can change"
+            )
+        return value
+
+    def update(
+        self, instance: DeadLetter, validated_data: dict[str, Any]
+    ) -> DeadLetter:
+        instance.payload = validated_data["payload"]
+        instance.edited = True
+        instance.save(update_fields=["payload", "edited", "updated_at"])
+        return instance
+
+
+class DeadLetterSelectionSerializer(serializers.Serializer):
+    """Which dead letters: explicit ids, or a filter (pipeline, run, step...)."""
+
+    ids = serializers.ListField(
+        child=serializers.IntegerField(min_value=1), required=False, max_length=100_000
+    )
+    filter = serializers.DictField(
+        required=False,
+        help_text='Dead-letter list filters, e.g. {"run": 12, "step": "map"}.',
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if not attrs.get("ids") and not attrs.get("filter"):
+            raise serializers.ValidationError({"ids": "give ids or a filter"})
+        return attrs
+
+
+class ReplaySerializer(DeadLetterSelectionSerializer):
+    version = serializers.IntegerField(
+        required=False,
+        help_text="Id of the pipeline version to replay through (default: current).",
+    )
+
+
+class DiscardSerializer(DeadLetterSelectionSerializer):
+    reason = serializers.CharField(max_length=2000)
+
+
+class DiscardOneSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=2000)
+
+
+class CountSerializer(serializers.Serializer):
+    count = serializers.IntegerField()

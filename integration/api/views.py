@@ -2,24 +2,45 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+import hashlib
+
+import orjson
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import QuerySet
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from integration import services
 from integration.api.filtersets import DeadLetterFilter, PipelineFilter, RunFilter
 from integration.api.serializers import (
+    CountSerializer,
     DeadLetterSerializer,
+    DiscardOneSerializer,
+    DiscardSerializer,
     PipelineSerializer,
+    ReplaySerializer,
+    ResumeRunSerializer,
     RunListSerializer,
     RunSerializer,
     StartRunSerializer,
 )
 from integration.choices import RunTrigger
-from integration.exceptions import PipelinePausedError
+from integration.exceptions import (
+    IdempotencyConflictError,
+    PipelinePausedError,
+    ResumeRefusedError,
+)
 from integration.models import DeadLetter, Pipeline, Run
+
+CONFLICT = OpenApiResponse(description="Refused: the reason is in `detail`.")
+
+
+def _conflict(exc: Exception) -> Response:
+    return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
 
 
 class PipelineViewSet(viewsets.ModelViewSet):
@@ -32,7 +53,16 @@ class PipelineViewSet(viewsets.ModelViewSet):
 
     @extend_schema(
         request=StartRunSerializer,
-        responses={202: RunSerializer, 409: OpenApiResponse(description="paused")},
+        parameters=[
+            OpenApiParameter(
+                "Idempotency-Key",
+                str,
+                OpenApiParameter.HEADER,
+                description="The same key returns the same run (with the same body); "
+                "with another body it is a 409.",
+            )
+        ],
+        responses={202: RunSerializer, 200: RunSerializer, 409: CONFLICT},
     )
     @action(detail=True, methods=["post"])
     def runs(self, request: Request, pk: str | None = None) -> Response:
@@ -40,6 +70,12 @@ class PipelineViewSet(viewsets.ModelViewSet):
         pipeline = self.get_object()
         body = StartRunSerializer(data=request.data)
         body.is_valid(raise_exception=True)
+        key = request.headers.get("Idempotency-Key", "").strip()
+        if len(key) > 200:
+            raise ValidationError({"Idempotency-Key": "at most 200 characters"})
+        request_hash = hashlib.sha256(
+            orjson.dumps(body.validated_data, option=orjson.OPT_SORT_KEYS)
+        ).hexdigest()
         try:
             run = services.start_run(
                 pipeline.pk,
@@ -47,15 +83,24 @@ class PipelineViewSet(viewsets.ModelViewSet):
                 correlation_id=getattr(request, "correlation_id", None),
                 requested_by_id=request.user.pk,
                 params=body.validated_data["params"],
+                idempotency_key=key,
+                request_hash=request_hash if key else "",
             )
-        except PipelinePausedError as exc:
-            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        except (PipelinePausedError, IdempotencyConflictError) as exc:
+            return _conflict(exc)
         assert run is not None  # noqa: S101 - only scheduled runs can be skipped
-        return Response(RunSerializer(run).data, status=status.HTTP_202_ACCEPTED)
+        replayed = getattr(run, "replayed", False)
+        response = Response(
+            RunSerializer(run).data,
+            status=status.HTTP_200_OK if replayed else status.HTTP_202_ACCEPTED,
+        )
+        if replayed:
+            response["Idempotent-Replayed"] = "true"
+        return response
 
 
 class RunViewSet(viewsets.ReadOnlyModelViewSet):
-    """Runs: state, counts, chunk progress; their dead letters."""
+    """Runs: state, counts, chunk progress; cancel, resume; their dead letters."""
 
     queryset = Run.objects.select_related("pipeline", "version")
     filterset_class = RunFilter
@@ -75,13 +120,102 @@ class RunViewSet(viewsets.ReadOnlyModelViewSet):
         page = self.paginate_queryset(qs)
         return self.get_paginated_response(DeadLetterSerializer(page, many=True).data)
 
+    @extend_schema(request=None, responses={202: RunSerializer, 409: CONFLICT})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str | None = None) -> Response:
+        """Cancel a queued or running run; committed chunks stay committed."""
+        run = self.get_object()
+        if not services.cancel_run(run.pk, f"cancelled by {request.user}"):
+            return _conflict(ValueError(f"run {run.pk} already ended ({run.state})"))
+        run.refresh_from_db()
+        return Response(RunSerializer(run).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        request=ResumeRunSerializer, responses={202: RunSerializer, 409: CONFLICT}
+    )
+    @action(detail=True, methods=["post"])
+    def resume(self, request: Request, pk: str | None = None) -> Response:
+        """Run again only the chunks of a failed or cancelled run not committed."""
+        run = self.get_object()
+        body = ResumeRunSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            run = services.resume_run(
+                run.pk, use_current_version=body.validated_data["use_current_version"]
+            )
+        except ResumeRefusedError as exc:
+            return _conflict(exc)
+        return Response(RunSerializer(run).data, status=status.HTTP_202_ACCEPTED)
+
 
 class DeadLetterViewSet(
-    mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.UpdateModelMixin,
+    viewsets.GenericViewSet,
 ):
-    """Dead letters: rejected records with their error, step and source reference."""
+    """Dead letters: rejected records with their error, step and source reference.
+
+    Edit an open one's payload, replay them through a pipeline version as a new run,
+    or discard them with a reason.
+    """
 
     queryset = DeadLetter.objects.select_related("pipeline")
     serializer_class = DeadLetterSerializer
     filterset_class = DeadLetterFilter
     ordering_fields = ["id", "created_at"]
+    http_method_names = ["get", "patch", "post", "head", "options"]
+
+    def _selected(self, data: dict) -> QuerySet[DeadLetter]:
+        if data.get("ids"):
+            return DeadLetter.objects.filter(pk__in=data["ids"])
+        filterset = DeadLetterFilter(data["filter"], queryset=DeadLetter.objects.all())
+        if not filterset.is_valid():
+            raise ValidationError({"filter": filterset.errors})
+        return filterset.qs
+
+    @extend_schema(request=ReplaySerializer, responses={202: RunSerializer})
+    @action(detail=False, methods=["post"])
+    def replay(self, request: Request) -> Response:
+        """Replay open dead letters (by ids or filter) as a new run of kind replay."""
+        body = ReplaySerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        ids = list(self._selected(body.validated_data).values_list("pk", flat=True))
+        try:
+            run = services.replay_dead_letters(
+                ids,
+                version_id=body.validated_data.get("version"),
+                correlation_id=getattr(request, "correlation_id", None),
+                requested_by_id=request.user.pk,
+            )
+        except DjangoValidationError as exc:
+            raise ValidationError(exc.message_dict) from None
+        return Response(RunSerializer(run).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        request=DiscardSerializer,
+        responses=CountSerializer,
+        operation_id="api_v1_dead_letters_discard_many",
+    )
+    @action(detail=False, methods=["post"], url_path="discard")
+    def discard_many(self, request: Request) -> Response:
+        """Discard open dead letters (by ids or filter) with a reason."""
+        body = DiscardSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        ids = list(self._selected(body.validated_data).values_list("pk", flat=True))
+        count = services.discard_dead_letters(ids, body.validated_data["reason"])
+        return Response({"count": count})
+
+    @extend_schema(request=DiscardOneSerializer, responses={200: DeadLetterSerializer})
+    @action(detail=True, methods=["post"])
+    def discard(self, request: Request, pk: str | None = None) -> Response:
+        """Discard one open dead letter with a reason."""
+        letter = self.get_object()
+        body = DiscardOneSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        if not services.discard_dead_letters(
+            [letter.pk], body.validated_data["reason"]
+        ):
+            return _conflict(ValueError(f"the dead letter is {letter.state}"))
+        letter.refresh_from_db()
+        return Response(DeadLetterSerializer(letter).data)

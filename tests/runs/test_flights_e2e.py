@@ -12,7 +12,7 @@ import pytest
 
 from integration import services
 from integration.examples.flights import FLIGHTS_STEPS, flights_table
-from integration.models import ChunkRun, DeadLetter, Pipeline, Run
+from integration.models import ChunkRun, DeadLetter, Pipeline
 from tests.helpers import unique, wait_for_run
 from tests.runs.conftest import BROKEN_ROWS, sink_query
 
@@ -226,12 +226,17 @@ def test_run_over_error_threshold_fails_and_keeps_committed_rows(
     worker_factory(concurrency=1)
     run = wait_for_run(services.start_run(pipeline.pk).pk)
     assert run.state == "failed"
-    assert "rejected ratio" in run.error
-    assert "stay in the sink" in run.error
-    # The chunk with broken rows (the middle one) stopped the run; chunks committed
-    # before it stay, none after it started.
-    committed = ChunkRun.objects.filter(run=run, state="done")
+    assert "chunk 3 has 3 rejected of 50000 rows" in run.error
+    assert "150000 rows committed by 3 earlier chunk(s) stay in the sink" in run.error
+    # The chunk with broken rows (the middle one) stopped the run before it wrote;
+    # the chunks committed before it stay, none after it started.
+    assert list(
+        ChunkRun.objects.filter(run=run, state="done").values_list("seq", flat=True)
+    ) == [0, 1, 2]
     (rows,) = sink_query(pg_sink, f'SELECT count(*) FROM "{table}"')
-    assert rows[0] == run.records_written == sum(c.records_written for c in committed)
-    assert ChunkRun.objects.filter(run=run, state="skipped").exists()
-    assert Run.objects.get(pk=run.pk).records_rejected == 3
+    assert rows[0] == run.records_written == 150_000
+    assert run.records_rejected == 0
+    # Its rejected rows are dead letters all the same, so operators see why.
+    letters = DeadLetter.objects.filter(run=run)
+    assert letters.count() == 3
+    assert set(letters.values_list("chunk_seq", flat=True)) == {3}

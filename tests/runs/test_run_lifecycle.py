@@ -116,6 +116,7 @@ def test_api_start_run_is_202_queued(api, pipeline, no_send):
         "running": 0,
         "done": 0,
         "skipped": 0,
+        "quarantined": 0,
     }
 
 
