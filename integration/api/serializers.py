@@ -234,6 +234,8 @@ class DeadLetterSerializer(serializers.ModelSerializer):
     def update(
         self, instance: DeadLetter, validated_data: dict[str, Any]
     ) -> DeadLetter:
+        if "payload" not in validated_data:  # nothing else is writable
+            return instance
         instance.payload = validated_data["payload"]
         instance.edited = True
         instance.save(update_fields=["payload", "edited", "updated_at"])
