@@ -8,6 +8,7 @@ entry-point group; a kind defined twice is an error. Pure Python (no Django).
 from __future__ import annotations
 
 import importlib
+import os
 from functools import cache
 from importlib.metadata import entry_points
 
@@ -15,6 +16,7 @@ from connectors.base import Plugin
 from connectors.exceptions import RegistryError
 
 ENTRY_POINT_GROUP = "dis.connectors"
+ENV_PATHS = "DIS_CONNECTOR_PATHS"
 
 BUILTIN_KINDS: dict[str, str] = {
     "generator": "connectors.plugins.generator:GeneratorPlugin",
@@ -32,14 +34,31 @@ def available_kinds() -> dict[str, str]:
         RegistryError: when two plugins claim the same kind.
     """
     kinds = dict(BUILTIN_KINDS)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in kinds:
+    extra = [(ep.name, ep.value) for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    extra += _paths_from_environment()
+    for name, value in extra:
+        if name in kinds:
             raise RegistryError(
-                f"connector kind {ep.name!r} is defined twice: "
-                f"{kinds[ep.name]} and {ep.value}"
+                f"connector kind {name!r} is defined twice: {kinds[name]} and {value}"
             )
-        kinds[ep.name] = ep.value
+        kinds[name] = value
     return kinds
+
+
+def _paths_from_environment() -> list[tuple[str, str]]:
+    """`DIS_CONNECTOR_PATHS="kind=package.module:Class,..."`: plugins not packaged
+    with an entry point (a deployment's own module, test fault injectors)."""
+    pairs = []
+    for item in os.environ.get(ENV_PATHS, "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or ":" not in value:
+            raise RegistryError(
+                f"{ENV_PATHS}: expected kind=module:Class, got {item!r}"
+            )
+        pairs.append((name.strip(), value.strip()))
+    return pairs
 
 
 @cache
@@ -54,7 +73,13 @@ def get_plugin(kind: str) -> type[Plugin]:
     except KeyError:
         raise RegistryError(f"unknown connector kind {kind!r}") from None
     module_name, _, attr = path.partition(":")
-    plugin = getattr(importlib.import_module(module_name), attr, None)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RegistryError(
+            f"connector kind {kind!r} cannot be loaded: {exc}"
+        ) from None
+    plugin = getattr(module, attr, None)
     if not (isinstance(plugin, type) and issubclass(plugin, Plugin)):
         raise RegistryError(f"{path} is not a connector Plugin class")
     if plugin.kind != kind:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from config import correlation
 from integration import services
 from integration.choices import RunTrigger
-from integration.exceptions import PipelinePausedError
+from integration.exceptions import PipelinePausedError, ResumeRefusedError
 from integration.models import ChunkRun, DeadLetter, Pipeline, PipelineVersion, Run
 
 
@@ -25,8 +27,30 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+class PipelineForm(forms.ModelForm):
+    """Checks the definition and schedule the way the API does."""
+
+    class Meta:
+        model = Pipeline
+        fields = "__all__"  # noqa: DJ007 - the admin edits every editable field
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if self.errors:
+            return data
+        probe = Pipeline(**{k: v for k, v in data.items() if hasattr(Pipeline, k)})
+        try:
+            services.validate_definition(probe)
+            services.validate_schedule(probe)
+        except ValidationError as exc:
+            for field, messages in exc.message_dict.items():
+                self.add_error(field if field in self.fields else None, messages)
+        return data
+
+
 @admin.register(Pipeline)
 class PipelineAdmin(admin.ModelAdmin):
+    form = PipelineForm
     list_display = [
         "name",
         "source",
@@ -39,7 +63,7 @@ class PipelineAdmin(admin.ModelAdmin):
     list_filter = ["mode", "is_paused", "source__kind", "sink__kind"]
     search_fields = ["name", "description", "source__name", "sink__name"]
     readonly_fields = ["current_version", "created_at", "updated_at"]
-    actions = ["run_now"]
+    actions = ["run_now", "pause", "unpause"]
 
     @admin.display(description="version")
     def version_number(self, obj: Pipeline) -> int | None:
@@ -49,7 +73,7 @@ class PipelineAdmin(admin.ModelAdmin):
         self, request: HttpRequest, obj: Pipeline, form: Any, change: bool
     ) -> None:
         super().save_model(request, obj, form, change)
-        services.freeze_version(obj)
+        services.save_pipeline(obj)
 
     @admin.action(description="Run now")
     def run_now(self, request: HttpRequest, queryset: QuerySet[Pipeline]) -> None:
@@ -66,6 +90,26 @@ class PipelineAdmin(admin.ModelAdmin):
                 self.message_user(request, str(exc), messages.WARNING)
                 continue
             self.message_user(request, f"{pipeline.name}: run {run.pk} queued")
+
+    @admin.action(description="Pause (no new runs, schedule disabled)")
+    def pause(self, request: HttpRequest, queryset: QuerySet[Pipeline]) -> None:
+        self._set_paused(request, queryset, paused=True)
+
+    @admin.action(description="Unpause")
+    def unpause(self, request: HttpRequest, queryset: QuerySet[Pipeline]) -> None:
+        self._set_paused(request, queryset, paused=False)
+
+    def _set_paused(
+        self, request: HttpRequest, queryset: QuerySet[Pipeline], *, paused: bool
+    ) -> None:
+        for pipeline in queryset:
+            pipeline.is_paused = paused
+            pipeline.save(update_fields=["is_paused", "updated_at"])
+            services.sync_schedule(pipeline)
+        self.message_user(
+            request,
+            f"{queryset.count()} pipeline(s) {'paused' if paused else 'unpaused'}",
+        )
 
 
 @admin.register(PipelineVersion)
@@ -116,6 +160,36 @@ class RunAdmin(ReadOnlyAdmin):
     search_fields = ["=id", "pipeline__name", "correlation_id", "error"]
     date_hierarchy = "created_at"
     inlines = [ChunkRunInline]
+    actions = ["cancel", "resume", "resume_current"]
+
+    @admin.action(description="Cancel")
+    def cancel(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        for run in queryset:
+            done = services.cancel_run(run.pk, f"cancelled by {request.user}")
+            self.message_user(
+                request,
+                f"run {run.pk}: {'cancelled' if done else 'already ended'}",
+                messages.SUCCESS if done else messages.WARNING,
+            )
+
+    @admin.action(description="Resume (same version)")
+    def resume(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        self._resume(request, queryset, current=False)
+
+    @admin.action(description="Resume with the pipeline's current version")
+    def resume_current(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        self._resume(request, queryset, current=True)
+
+    def _resume(
+        self, request: HttpRequest, queryset: QuerySet[Run], *, current: bool
+    ) -> None:
+        for run in queryset:
+            try:
+                services.resume_run(run.pk, use_current_version=current)
+            except ResumeRefusedError as exc:
+                self.message_user(request, f"run {run.pk}: {exc}", messages.ERROR)
+            else:
+                self.message_user(request, f"run {run.pk} resumed")
 
 
 @admin.register(ChunkRun)
@@ -146,6 +220,28 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     list_filter = ["state", "step", "error_class", "pipeline"]
     search_fields = ["error", "source_ref", "=run__id"]
     date_hierarchy = "created_at"
+    actions = ["replay", "discard"]
+
+    @admin.action(description="Replay through the pipeline's current version")
+    def replay(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
+        by_pipeline: dict[int, list[int]] = {}
+        for pk, pipeline_id in queryset.values_list("pk", "pipeline_id"):
+            by_pipeline.setdefault(pipeline_id, []).append(pk)
+        for ids in by_pipeline.values():
+            try:
+                run = services.replay_dead_letters(ids, requested_by_id=request.user.pk)
+            except ValidationError as exc:
+                self.message_user(request, "; ".join(exc.messages), messages.ERROR)
+            else:
+                self.message_user(request, f"replay run {run.pk} queued")
+
+    @admin.action(description="Discard (reason: discarded in the admin)")
+    def discard(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
+        count = services.discard_dead_letters(
+            list(queryset.values_list("pk", flat=True)),
+            f"discarded in the admin by {request.user}",
+        )
+        self.message_user(request, f"{count} dead letter(s) discarded")
 
     @admin.display(description="error")
     def error_short(self, obj: DeadLetter) -> str:

@@ -283,6 +283,9 @@ class ChunkRun(models.Model):
     step = models.CharField(max_length=20, blank=True)
     step_open = models.BooleanField(default=False)
     crashes = models.PositiveIntegerField(default=0)
+    #: Last sign of life of an attempt (claim, step start or end): the reconciler
+    #: resends chunks whose attempt went quiet for too long.
+    touched_at = models.DateTimeField(null=True, blank=True)
     records_read = models.BigIntegerField(default=0)
     records_written = models.BigIntegerField(default=0)
     records_rejected = models.BigIntegerField(default=0)

@@ -12,9 +12,10 @@ from typing import Any
 
 import pyarrow as pa
 import structlog
+from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
-from django.db.models import Count, F
+from django.db import IntegrityError, models, transaction
+from django.db.models import Case, Count, F, When
 from django.utils import timezone
 
 from config import correlation
@@ -290,6 +291,8 @@ def dispatch_chunks(run_id: int, limit: int, correlation_id: str) -> int:
             attempt_token=token,
             attempts=F("attempts") + 1,
             queued_at=timezone.now(),
+            touched_at=timezone.now(),
+            step_open=False,
         )
         if claimed:
             orchestration.send_chunk(run_id, candidate, str(token), correlation_id)
@@ -314,11 +317,15 @@ class Attempt:
 
 
 def begin_attempt(
-    run_id: int, seq: int, token: str, *, mark_running: bool
+    run_id: int, seq: int, token: str, *, step: str, mark_running: bool = False
 ) -> Attempt | None:
-    """The attempt's context, or None when it is stale (superseded, finished, stopped).
+    """The attempt's context, or None when it is stale (superseded, finished, stopped)
+    or quarantined.
 
     A stale attempt returns quietly: a newer attempt or the end of the run owns it.
+    The step is recorded as open until `end_step`; finding it still open means its
+    last execution killed the worker (SIGKILL, OOM, `os._exit`): after
+    `DIS_MAX_CHUNK_CRASHES` such crashes the chunk is quarantined, not retried.
     """
     chunk = (
         ChunkRun.objects.select_related("run__version")
@@ -333,11 +340,27 @@ def begin_attempt(
     if run.state != RunState.RUNNING:
         skip_chunk(run_id, seq, token)
         return None
-    if mark_running and chunk.state == ChunkState.QUEUED:
-        ChunkRun.objects.filter(pk=chunk.pk, attempt_token=token).update(
-            state=ChunkState.RUNNING, started_at=timezone.now()
-        )
+    now = timezone.now()
+    ChunkRun.objects.filter(pk=chunk.pk, attempt_token=token).update(
+        crashes=Case(
+            When(step=step, step_open=True, then=F("crashes") + 1),
+            default=F("crashes"),
+            output_field=models.PositiveIntegerField(),
+        ),
+        step=step,
+        step_open=True,
+        touched_at=now,
+        **(
+            {"state": ChunkState.RUNNING, "started_at": now}
+            if mark_running and chunk.state == ChunkState.QUEUED
+            else {}
+        ),
+    )
     structlog.contextvars.bind_contextvars(run_id=run_id, chunk_seq=seq)
+    crashes = ChunkRun.objects.values_list("crashes", flat=True).get(pk=chunk.pk)
+    if crashes >= settings.DIS_MAX_CHUNK_CRASHES:
+        quarantine_chunk(run_id, seq, token, step=step, crashes=crashes)
+        return None
     return Attempt(
         run_id=run_id,
         seq=seq,
@@ -347,6 +370,53 @@ def begin_attempt(
         version_spec=run.version.spec,
         correlation_id=run.correlation_id,
     )
+
+
+def end_step(run_id: int, seq: int, token: str) -> None:
+    """The step of this attempt returned or raised: it did not kill its worker."""
+    ChunkRun.objects.filter(run_id=run_id, seq=seq, attempt_token=token).update(
+        step_open=False, touched_at=timezone.now()
+    )
+
+
+def quarantine_chunk(
+    run_id: int, seq: int, token: str, *, step: str, crashes: int
+) -> bool:
+    """Stop retrying a chunk that keeps killing its worker; record why.
+
+    The chunk gets a dead letter (step `chunk`, class `quarantine`) holding its
+    plan, and counts as finished; the run then ends `failed`, naming it, and can be
+    resumed once the cause is fixed.
+    """
+    with transaction.atomic():
+        updated = ChunkRun.objects.filter(
+            run_id=run_id, seq=seq, attempt_token=token, state__in=CHUNK_IN_FLIGHT
+        ).update(
+            state=ChunkState.QUARANTINED, step_open=False, finished_at=timezone.now()
+        )
+        if not updated:
+            return False
+        run = Run.objects.get(pk=run_id)
+        chunk = ChunkRun.objects.get(run_id=run_id, seq=seq)
+        DeadLetter.objects.create(
+            run_id=run_id,
+            pipeline_id=run.pipeline_id,
+            chunk_seq=seq,
+            step="chunk",
+            error_class="quarantine",
+            error=(
+                f"chunk {seq} killed its worker {crashes} times during {step}; "
+                "quarantined instead of retried"
+            ),
+            payload={"chunk": chunk.spec},
+            attempts=crashes,
+        )
+        logger.error("chunk_quarantined", run_id=run_id, chunk_seq=seq, step=step)
+        if not ChunkRun.objects.filter(run_id=run_id).unfinished().exists():
+            orchestration.send_finalize(run_id, run.correlation_id)
+        else:
+            dispatch_chunks(run_id, 1, run.correlation_id)
+    return True
 
 
 def token_is_current(run_id: int, seq: int, token: str) -> bool:
@@ -371,6 +441,8 @@ def restart_chunk(run_id: int, seq: int, token: str, reason: str) -> bool:
             attempt_token=new_token,
             attempts=F("attempts") + 1,
             queued_at=timezone.now(),
+            touched_at=timezone.now(),
+            step_open=False,
         )
         if updated:
             cid = Run.objects.values_list("correlation_id", flat=True).get(pk=run_id)
@@ -795,7 +867,19 @@ def finalize_run(run_id: int) -> None:
         return
     state = run.outcome_state()
     reason = ""
-    if state == RunState.FAILED:
+    quarantined = list(
+        ChunkRun.objects.filter(run_id=run_id, state=ChunkState.QUARANTINED)
+        .order_by("seq")
+        .values_list("seq", flat=True)
+    )
+    if quarantined:
+        state = RunState.FAILED
+        reason = (
+            f"chunk(s) {', '.join(map(str, quarantined))} quarantined after killing "
+            f"their worker; {run.records_written} rows of the other chunks are "
+            "committed. Fix the cause and resume the run."
+        )
+    elif state == RunState.FAILED:
         reason = (
             f"rejected ratio {run.rejected_ratio:.4f} is above the pipeline's limit "
             f"{run.version.spec['max_rejected_ratio']}; "
@@ -841,3 +925,106 @@ def chunk_progress(run: Run) -> dict[str, int]:
     for row in run.chunks.values("state").annotate(n=Count("id")):
         counts[row["state"]] = row["n"]
     return counts
+
+
+# --- Schedules --------------------------------------------------------------------
+
+SCHEDULE_TASK = "integration.scheduled_run"
+
+
+def validate_schedule(pipeline: Pipeline) -> None:
+    """Check the cron expression / interval / time zone of a pipeline.
+
+    Raises:
+        ValidationError: naming the field.
+    """
+    import zoneinfo
+
+    from celery.schedules import crontab_parser
+
+    if pipeline.schedule_cron and pipeline.schedule_interval_seconds:
+        raise ValidationError(
+            {"schedule_cron": "give a cron expression or an interval, not both"}
+        )
+    if pipeline.schedule_cron:
+        parts = pipeline.schedule_cron.split()
+        if len(parts) != 5:
+            raise ValidationError(
+                {"schedule_cron": "five fields: minute hour day month weekday"}
+            )
+        limits = [(60, 0), (24, 0), (31, 1), (12, 1), (7, 0)]
+        for part, (size, start) in zip(parts, limits, strict=True):
+            try:
+                crontab_parser(size, start).parse(part)
+            except ValueError as exc:
+                raise ValidationError({"schedule_cron": f"{part!r}: {exc}"}) from None
+    try:
+        zoneinfo.ZoneInfo(pipeline.schedule_timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValidationError(
+            {"schedule_timezone": f"unknown time zone {pipeline.schedule_timezone!r}"}
+        ) from None
+
+
+def sync_schedule(pipeline: Pipeline) -> None:
+    """Keep the pipeline's django-celery-beat PeriodicTask in step with its schedule.
+
+    No schedule: the task is deleted. A paused pipeline keeps its task, disabled.
+    """
+    from django_celery_beat.models import (
+        CrontabSchedule,
+        IntervalSchedule,
+        PeriodicTask,
+    )
+
+    task = pipeline.periodic_task
+    if not pipeline.schedule_cron and not pipeline.schedule_interval_seconds:
+        if task is not None:
+            Pipeline.objects.filter(pk=pipeline.pk).update(periodic_task=None)
+            task.delete()
+            pipeline.periodic_task = None
+        return
+    schedule: dict[str, Any] = {"crontab": None, "interval": None}
+    if pipeline.schedule_cron:
+        minute, hour, day, month, weekday = pipeline.schedule_cron.split()
+        schedule["crontab"], _ = CrontabSchedule.objects.get_or_create(
+            minute=minute,
+            hour=hour,
+            day_of_month=day,
+            month_of_year=month,
+            day_of_week=weekday,
+            timezone=pipeline.schedule_timezone,
+        )
+    else:
+        schedule["interval"], _ = IntervalSchedule.objects.get_or_create(
+            every=pipeline.schedule_interval_seconds, period=IntervalSchedule.SECONDS
+        )
+    values = {
+        "name": f"pipeline:{pipeline.pk}:{pipeline.name}"[:200],
+        "task": SCHEDULE_TASK,
+        "args": f"[{pipeline.pk}]",
+        "enabled": not pipeline.is_paused,
+        **schedule,
+    }
+    if task is None:
+        task = PeriodicTask.objects.create(**values)
+        Pipeline.objects.filter(pk=pipeline.pk).update(periodic_task=task)
+        pipeline.periodic_task = task
+    else:
+        for key, value in values.items():
+            setattr(task, key, value)
+        task.save()
+    logger.info(
+        "pipeline_schedule_synced",
+        pipeline=pipeline.name,
+        enabled=task.enabled,
+        cron=pipeline.schedule_cron,
+        interval=pipeline.schedule_interval_seconds,
+    )
+
+
+def save_pipeline(pipeline: Pipeline) -> PipelineVersion:
+    """After a pipeline was saved: freeze its version and sync its schedule."""
+    version = freeze_version(pipeline)
+    sync_schedule(pipeline)
+    return version

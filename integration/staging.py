@@ -86,6 +86,19 @@ class FileStage:
         for key in keys:
             self._path(key).unlink(missing_ok=True)
 
+    def purge_expired(self) -> int:
+        """Delete staged files older than the TTL; returns how many."""
+        deadline = time.time() - self.ttl
+        count = 0
+        for path in self.root.glob("*.arrow"):
+            try:
+                if path.stat().st_mtime < deadline:
+                    path.unlink()
+                    count += 1
+            except FileNotFoundError:
+                continue
+        return count
+
 
 @cache
 def stage() -> RedisStage | FileStage:

@@ -55,6 +55,20 @@ class RunTask(Task):
         reason = f"{self.name} {where}failed: {type(exc).__name__}"
         services.fail_run(run_id, f"{reason}: {message}" if message else reason)
 
+    def after_return(
+        self,
+        status: str,
+        retval: Any,
+        task_id: str,
+        args: Any,
+        kwargs: Any,
+        einfo: Any,
+    ) -> None:
+        # Reached when the step returned or raised (a retry included), never when
+        # it killed its worker: that is how crashes are told from errors.
+        if len(args) == 3:
+            services.end_step(*args)
+
 
 def _key(attempt: services.Attempt, part: str) -> str:
     return staging.key(attempt.run_id, attempt.seq, attempt.token, part)
@@ -69,7 +83,9 @@ def plan_run(self: Task, run_id: int) -> None:
     name="integration.extract_chunk", base=RunTask, bind=True, **_RETRY, **_LIMITS
 )
 def extract_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
-    attempt = services.begin_attempt(run_id, seq, token, mark_running=True)
+    attempt = services.begin_attempt(
+        run_id, seq, token, step="extract", mark_running=True
+    )
     if attempt is None:
         return
     from connectors.base import Chunk
@@ -92,7 +108,7 @@ def extract_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     name="integration.transform_chunk", base=RunTask, bind=True, **_RETRY, **_LIMITS
 )
 def transform_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
-    attempt = services.begin_attempt(run_id, seq, token, mark_running=False)
+    attempt = services.begin_attempt(run_id, seq, token, step="transform")
     if attempt is None:
         return
     stage = staging.stage()
@@ -155,7 +171,7 @@ def transform_table(version_id: int, table: pa.Table) -> tuple[pa.Table, pa.Tabl
     name="integration.load_chunk", base=RunTask, bind=True, **_RETRY, **_LIMITS
 )
 def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
-    attempt = services.begin_attempt(run_id, seq, token, mark_running=False)
+    attempt = services.begin_attempt(run_id, seq, token, step="load")
     if attempt is None:
         return
     stage = staging.stage()
@@ -199,3 +215,32 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
 )
 def finalize_run(self: Task, run_id: int) -> None:
     services.finalize_run(run_id)
+
+
+@shared_task(name="integration.reconcile", **_LIMITS)
+def reconcile() -> dict[str, Any]:
+    """Periodic: resend lost chunks, plans and finalizes; enforce run time limits."""
+    from integration import housekeeping
+
+    return vars(housekeeping.reconcile())
+
+
+@shared_task(name="integration.purge", **_LIMITS)
+def purge() -> dict[str, int]:
+    """Periodic: delete runs, chunk runs and dead letters past their retention."""
+    from integration import housekeeping
+
+    return vars(housekeeping.purge())
+
+
+@shared_task(name="integration.scheduled_run", **_LIMITS)
+def scheduled_run(pipeline_id: int) -> int | None:
+    """Fired by beat for a pipeline's schedule; honours its overlap policy."""
+    from integration.choices import RunTrigger
+    from integration.exceptions import PipelinePausedError
+
+    try:
+        run = services.start_run(pipeline_id, trigger=RunTrigger.SCHEDULE)
+    except PipelinePausedError:
+        return None
+    return run.pk if run else None

@@ -110,6 +110,9 @@ AUTH_PASSWORD_VALIDATORS = [
     )
 ]
 
+# Django 6 behaviour now: a URL typed without a scheme is https.
+FORMS_URLFIELD_ASSUME_HTTPS = True
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
@@ -210,6 +213,17 @@ CELERY_TASK_ROUTES = {
 }
 CELERY_WORKER_QUEUES = "control,io,cpu"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+#: Housekeeping on beat (installed into the database scheduler at beat start).
+CELERY_BEAT_SCHEDULE = {
+    "reconcile-runs": {
+        "task": "integration.reconcile",
+        "schedule": env.float("DIS_RECONCILE_INTERVAL_SECONDS", default=60.0),
+    },
+    "purge-expired": {
+        "task": "integration.purge",
+        "schedule": env.float("DIS_PURGE_INTERVAL_SECONDS", default=3600.0),
+    },
+}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = False
 
@@ -223,6 +237,17 @@ DIS_STAGING_TTL_SECONDS = env.int("DIS_STAGING_TTL_SECONDS", default=24 * 3600)
 DIS_STAGING_PREFIX = env.str("DIS_STAGING_PREFIX", default="dis:stage")
 DIS_DEFAULT_CHUNK_ROWS = env.int("DIS_DEFAULT_CHUNK_ROWS", default=50_000)
 DIS_DEFAULT_WINDOW = env.int("DIS_DEFAULT_WINDOW", default=4)
+#: A chunk whose task killed its worker this many times is quarantined.
+DIS_MAX_CHUNK_CRASHES = env.int("DIS_MAX_CHUNK_CRASHES", default=3)
+#: The reconciler resends a chunk (or plan, or finalize) quiet for this long: above
+#: the hard time limit, so a live attempt is never taken for a lost one.
+DIS_RECONCILE_STALE_SECONDS = env.int(
+    "DIS_RECONCILE_STALE_SECONDS", default=CELERY_TASK_TIME_LIMIT + 300
+)
+#: Retention (days). Dead-letter payloads can hold personal data.
+DIS_RETENTION_RUNS_DAYS = env.int("DIS_RETENTION_RUNS_DAYS", default=90)
+DIS_RETENTION_CHUNK_RUNS_DAYS = env.int("DIS_RETENTION_CHUNK_RUNS_DAYS", default=30)
+DIS_RETENTION_DEAD_LETTERS_DAYS = env.int("DIS_RETENTION_DEAD_LETTERS_DAYS", default=30)
 DIS_ENGINE_THREADS = env.int("DIS_ENGINE_THREADS", default=1)
 DIS_ENGINE_MEMORY_LIMIT = env.str("DIS_ENGINE_MEMORY_LIMIT", default="1GB")
 #: Private or link-local networks (CIDRs) that user-supplied URLs may reach anyway

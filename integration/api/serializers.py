@@ -50,6 +50,11 @@ class PipelineSerializer(serializers.ModelSerializer):
             "max_rejected_ratio",
             "overlap_policy",
             "is_paused",
+            "max_run_seconds",
+            "schedule_cron",
+            "schedule_timezone",
+            "schedule_interval_seconds",
+            "notify_url",
             "current_version",
             "created_at",
             "updated_at",
@@ -81,18 +86,27 @@ class PipelineSerializer(serializers.ModelSerializer):
         return value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        checked = (
+            "source",
+            "sink",
+            "steps",
+            "schedule_cron",
+            "schedule_timezone",
+            "schedule_interval_seconds",
+        )
         probe = Pipeline(
             **{
                 **{
                     f: getattr(self.instance, f)
-                    for f in ("source", "sink", "steps")
+                    for f in checked
                     if self.instance is not None
                 },
-                **{k: v for k, v in attrs.items() if k in ("source", "sink", "steps")},
+                **{k: v for k, v in attrs.items() if k in checked},
             }
         )
         try:
             services.validate_definition(probe)
+            services.validate_schedule(probe)
         except DjangoValidationError as exc:
             raise serializers.ValidationError(exc.message_dict) from None
         errors = {}
@@ -111,12 +125,12 @@ class PipelineSerializer(serializers.ModelSerializer):
 
     def create(self, validated_data: dict[str, Any]) -> Pipeline:
         pipeline = super().create(validated_data)
-        services.freeze_version(pipeline)
+        services.save_pipeline(pipeline)
         return pipeline
 
     def update(self, instance: Pipeline, validated_data: dict[str, Any]) -> Pipeline:
         pipeline = super().update(instance, validated_data)
-        services.freeze_version(pipeline)
+        services.save_pipeline(pipeline)
         return pipeline
 
 

@@ -54,36 +54,40 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         assert run is not None  # noqa: S101 - only scheduled runs can be skipped
         self.stdout.write(f"run {run.pk} queued (correlation id {cid})")
-        if not options["wait"]:
-            return
-        started = time.monotonic()
-        tty = sys.stdout.isatty()
-        last = ""
-        while True:
-            run.refresh_from_db()
-            line = progress_line(run)
-            if tty:
-                self.stdout.write("\r" + line, ending="")
-                self.stdout.flush()
-            elif line != last:
-                self.stdout.write(line)
-            last = line
-            if run.is_terminal:
-                break
-            if options["timeout"] and time.monotonic() - started > options["timeout"]:
-                raise CommandError(f"run {run.pk} still {run.state} after the timeout")
-            time.sleep(options["interval"])
+        if options["wait"]:
+            follow(self, run, timeout=options["timeout"], interval=options["interval"])
+
+
+def follow(command: BaseCommand, run: Run, *, timeout: float, interval: float) -> None:
+    """Show a progress bar until the run ends; CommandError when it failed."""
+    started = time.monotonic()
+    tty = sys.stdout.isatty()
+    last = ""
+    while True:
+        run.refresh_from_db()
+        line = progress_line(run)
         if tty:
-            self.stdout.write("")
-        seconds = run.duration_seconds or 0.0
-        rate = run.records_read / seconds if seconds else 0.0
-        self.stdout.write(
-            f"run {run.pk} {run.state}: read {run.records_read:,}, written "
-            f"{run.records_written:,}, rejected {run.records_rejected:,}, filtered "
-            f"{run.records_filtered:,}, dead letters {run.records_dead_lettered:,} in "
-            f"{seconds:.2f} s ({rate:,.0f} records/s)"
-        )
-        if run.error:
-            self.stdout.write(f"reason: {run.error}")
-        if run.state in ("failed", "cancelled"):
-            raise CommandError(f"run {run.pk} {run.state}")
+            command.stdout.write("\r" + line, ending="")
+            command.stdout.flush()
+        elif line != last:
+            command.stdout.write(line)
+        last = line
+        if run.is_terminal:
+            break
+        if timeout and time.monotonic() - started > timeout:
+            raise CommandError(f"run {run.pk} still {run.state} after the timeout")
+        time.sleep(interval)
+    if tty:
+        command.stdout.write("")
+    seconds = run.duration_seconds or 0.0
+    rate = run.records_read / seconds if seconds else 0.0
+    command.stdout.write(
+        f"run {run.pk} {run.state}: read {run.records_read:,}, written "
+        f"{run.records_written:,}, rejected {run.records_rejected:,}, filtered "
+        f"{run.records_filtered:,}, dead letters {run.records_dead_lettered:,} in "
+        f"{seconds:.2f} s ({rate:,.0f} records/s)"
+    )
+    if run.error:
+        command.stdout.write(f"reason: {run.error}")
+    if run.state in ("failed", "cancelled"):
+        raise CommandError(f"run {run.pk} {run.state}")
