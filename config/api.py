@@ -6,7 +6,7 @@ from typing import Any
 
 import structlog
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import IntegrityError
+from django.db import IntegrityError, InterfaceError, OperationalError
 from rest_framework import status
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import PageNumberPagination
@@ -28,6 +28,14 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             exc.message_dict if hasattr(exc, "error_dict") else {"detail": exc.messages}
         )
         exc = ValidationError(detail)
+    elif isinstance(exc, OperationalError | InterfaceError):
+        # The database is down: a 503 the client can retry, not a 500.
+        logger.warning("database_unavailable", error_class=type(exc).__name__)
+        return Response(
+            {"detail": "the metadata database is unavailable; retry later"},
+            status=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "5"},
+        )
     elif isinstance(exc, IntegrityError):
         logger.warning("integrity_error", error=str(exc).splitlines()[0])
         return Response(

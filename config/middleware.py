@@ -6,7 +6,8 @@ import time
 from collections.abc import Callable
 
 import structlog
-from django.http import HttpRequest, HttpResponse
+from django.db import InterfaceError, OperationalError
+from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from config import correlation
 
@@ -37,3 +38,29 @@ class CorrelationIdMiddleware:
         )
         structlog.contextvars.clear_contextvars()
         return response
+
+
+class DatabaseUnavailableMiddleware:
+    """A database outage answers 503 with a short JSON body, never a 500 traceback.
+
+    Runs inside the correlation middleware, so the 503 carries the id and is logged.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        return self.get_response(request)
+
+    def process_exception(
+        self, request: HttpRequest, exception: Exception
+    ) -> HttpResponse | None:
+        if isinstance(exception, OperationalError | InterfaceError):
+            logger.warning("database_unavailable", error_class=type(exception).__name__)
+            response = JsonResponse(
+                {"detail": "the metadata database is unavailable; retry later"},
+                status=503,
+            )
+            response["Retry-After"] = "5"
+            return response
+        return None

@@ -78,3 +78,26 @@ def test_health_endpoints_need_no_token(anon):
     assert body["status"] == "ok"
     assert set(body["checks"]) == {"database", "broker"}
     assert all(c["ok"] and c["latency_ms"] >= 0 for c in body["checks"].values())
+
+
+def _database_down(execute, sql, params, many, context):
+    from django.db import OperationalError
+
+    raise OperationalError("connection to server was lost")
+
+
+@pytest.mark.parametrize(
+    ("method", "url"),
+    [("get", "/api/v1/runs/"), ("post", "/api/v1/connectors/")],
+    ids=["list", "create"],
+)
+def test_database_outage_is_503_not_500(api, method, url):
+    from django.db import connection
+
+    with connection.execute_wrapper(_database_down):
+        response = getattr(api, method)(url, {}, format="json")
+    assert response.status_code == 503
+    assert response.json() == {
+        "detail": "the metadata database is unavailable; retry later"
+    }
+    assert response["Retry-After"] == "5"
