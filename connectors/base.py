@@ -153,8 +153,13 @@ class Sink:
     def check(self) -> CheckResult:
         raise NotImplementedError
 
-    def prepare(self, options: dict[str, Any], schema: pa.Schema) -> None:
-        """Create (or check) the target for `schema` (data columns, no system ones)."""
+    def prepare(
+        self, options: dict[str, Any], schema: pa.Schema, *, run_id: int | None = None
+    ) -> None:
+        """Create (or check) the target for `schema` (data columns, no system ones).
+
+        `run_id` names the run, for sinks that stage a run's rows (replace mode).
+        """
         raise NotImplementedError
 
     def write(
@@ -259,6 +264,23 @@ class Plugin:
             error = ConfigError(f"invalid {side} options: {messages}")
             error.errors = messages
             raise error from None
+
+    @classmethod
+    def run_action(
+        cls,
+        config: dict[str, Any],
+        action: str,
+        params: dict[str, Any],
+        context: ConnectorContext | None = None,
+    ) -> dict[str, Any]:
+        """Perform a one-off workflow action (`http` call, `sql` statement).
+
+        Returns a small JSON-serialisable result. Kinds without actions refuse.
+
+        Raises:
+            ConfigError: the kind has no such action.
+        """
+        raise ConfigError(f"connector kind {cls.kind!r} has no {action!r} action")
 
     @classmethod
     def source(

@@ -21,8 +21,11 @@ ENV_PATHS = "DIS_CONNECTOR_PATHS"
 BUILTIN_KINDS: dict[str, str] = {
     "generator": "connectors.plugins.generator:GeneratorPlugin",
     "files": "connectors.plugins.files:FilesPlugin",
+    "kafka": "connectors.plugins.kafka:KafkaPlugin",
     "postgres": "connectors.plugins.sql:PostgresPlugin",
     "sqlite": "connectors.plugins.sql:SqlitePlugin",
+    "mysql": "connectors.plugins.sql:MysqlPlugin",
+    "rest": "connectors.plugins.rest:RestPlugin",
 }
 
 

@@ -1,4 +1,4 @@
-"""What the SQL sinks share: write options, Arrow type checks, identifier rules.
+"""What the SQL connectors share: options, Arrow type checks, identifier rules.
 
 Pure Python (no Django, no database driver).
 """
@@ -10,10 +10,16 @@ from typing import Any
 
 import marshmallow
 import pyarrow as pa
-from marshmallow import fields, validate
+import pyarrow.compute as pc
+from marshmallow import fields, validate, validates_schema
 
-from connectors.base import CHUNK_SEQ_COLUMN, RUN_ID_COLUMN, SYSTEM_COLUMNS
-from connectors.exceptions import ConfigError
+from connectors.base import (
+    CHUNK_SEQ_COLUMN,
+    RUN_ID_COLUMN,
+    SOURCE_REF_COLUMN,
+    SYSTEM_COLUMNS,
+)
+from connectors.exceptions import ConfigError, TerminalError
 
 #: Field metadata that marks a string column as JSON text (besides `pa.json_()`).
 JSON_METADATA_KEY = b"dis.type"
@@ -22,7 +28,10 @@ JSON_METADATA_VALUE = b"json"
 #: PostgreSQL truncates longer identifiers silently; we refuse them instead.
 MAX_IDENTIFIER_BYTES = 63
 
-WRITE_MODES = ("append",)
+WRITE_MODES = ("append", "upsert", "replace")
+EVOLVE_POLICIES = ("fail", "add_columns")
+#: Suffix of the staging table a `replace` run appends into before the swap.
+STAGING_INFIX = "__dis_run_"
 
 
 def _identifier(value: str) -> None:
@@ -32,14 +41,57 @@ def _identifier(value: str) -> None:
         )
 
 
+class KeyList(fields.List):
+    """A list of column names; a single name is accepted for a one-column key."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(fields.String(validate=_identifier), **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        names = super()._deserialize(value, attr, data, **kwargs)
+        if not names:
+            raise marshmallow.ValidationError("Name at least one column.")
+        if len(set(names)) != len(names):
+            raise marshmallow.ValidationError("A column is named twice.")
+        return names
+
+
 class SqlWriteOptions(marshmallow.Schema):
-    """A pipeline's write options for a SQL sink (`schema` default set per dialect)."""
+    """A pipeline's write options for a SQL sink (`schema` default set per dialect).
+
+    `key` names the columns an `upsert` matches rows on (required for it);
+    `evolve` says what `prepare` does when an existing table lacks data columns.
+    """
 
     table = fields.String(required=True, validate=_identifier)
     schema = fields.String(load_default="public", validate=_identifier)
     write_mode = fields.String(
         load_default="append", validate=validate.OneOf(WRITE_MODES)
     )
+    key = KeyList(load_default=None)
+    evolve = fields.String(
+        load_default="fail", validate=validate.OneOf(EVOLVE_POLICIES)
+    )
+
+    @validates_schema
+    def _key_for_upsert(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("write_mode") == "upsert" and not data.get("key"):
+            raise marshmallow.ValidationError(
+                "Required when write_mode is upsert.", field_name="key"
+            )
+        system = sorted(set(data.get("key") or ()) & set(SYSTEM_COLUMNS))
+        if system:
+            raise marshmallow.ValidationError(
+                f"System columns cannot be keys: {', '.join(system)}.",
+                field_name="key",
+            )
+        if data.get("table", "").find(STAGING_INFIX) >= 0:
+            raise marshmallow.ValidationError(
+                f"Must not contain {STAGING_INFIX!r} (reserved for staging tables).",
+                field_name="table",
+            )
 
 
 def load_write_options(
@@ -52,7 +104,7 @@ def load_write_options(
         default_schema: the schema used when the options name none.
 
     Returns:
-        The loaded options (`table`, `schema`, `write_mode`).
+        The loaded options (`table`, `schema`, `write_mode`, `key`, `evolve`).
 
     Raises:
         ConfigError: with `.errors` from marshmallow.
@@ -128,3 +180,71 @@ def unsupported(field: pa.Field, dialect: str) -> ConfigError:
     return ConfigError(
         f"column {field.name!r}: Arrow type {field.type} cannot be stored in {dialect}"
     )
+
+
+def staging_table(table: str, run_id: int) -> str:
+    """The name of the table a `replace` run stages into: `<table>__dis_run_<run>`.
+
+    A name that would pass the identifier limit keeps a hash of the table name.
+    """
+    name = f"{table}{STAGING_INFIX}{run_id}"
+    if len(name.encode()) > MAX_IDENTIFIER_BYTES:
+        digest = hashlib.blake2b(table.encode(), digest_size=6).hexdigest()
+        name = f"dis_{digest}{STAGING_INFIX}{run_id}"
+    return name
+
+
+def index_name(table: str, suffix: str) -> str:
+    """`<table>_<suffix>`, or a hashed name when that passes the identifier limit."""
+    name = f"{table}_{suffix}"
+    if len(name.encode()) > MAX_IDENTIFIER_BYTES:
+        digest = hashlib.blake2b(table.encode(), digest_size=6).hexdigest()
+        name = f"dis_{digest}_{suffix}"
+    return name
+
+
+def check_key_columns(key: list[str], names: list[str]) -> None:
+    """Refuse an upsert key naming a column the data does not have.
+
+    Raises:
+        ConfigError: naming the missing key columns.
+    """
+    absent = [k for k in key if k not in names]
+    if absent:
+        raise ConfigError(f"key column(s) {', '.join(absent)} are not in the data")
+
+
+def last_row_per_key(table: pa.Table, key: list[str]) -> pa.Table:
+    """`table` with one row per key (the last by position), sorted by the key.
+
+    Raises:
+        TerminalError: a key column holds NULL (it would never match a row).
+    """
+    for name in key:
+        nulls = table.column(name).null_count
+        if nulls:
+            raise TerminalError(
+                f"key column {name!r} is NULL in {nulls} row(s): upsert needs a key"
+            )
+    if table.num_rows == 0:
+        return table
+    position = "__dis_position"
+    indexed = table.select(key).append_column(
+        position, pa.array(range(table.num_rows), pa.int64())
+    )
+    last = indexed.group_by(key, use_threads=False).aggregate([(position, "max")])
+    last = last.sort_by([(name, "ascending") for name in key])
+    return table.take(last.column(f"{position}_max"))
+
+
+def source_refs(prefix: str, table: pa.Table | pa.RecordBatch, key: list[str]) -> Any:
+    """`<prefix>#<key>` per row (composite keys joined by `,`), vectorised."""
+    parts = [pc.cast(table.column(name), pa.string()) for name in key]
+    joined = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, ",")
+    return pc.binary_join_element_wise(f"{prefix}#", joined, "")
+
+
+def without_source_ref(schema: pa.Schema) -> pa.Schema:
+    """`schema` without a `_source_ref` field (what a source's data columns are)."""
+    index = schema.get_field_index(SOURCE_REF_COLUMN)
+    return schema if index < 0 else schema.remove(index)

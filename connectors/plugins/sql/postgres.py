@@ -1,29 +1,23 @@
-"""`postgres`: a PostgreSQL sink that appends Arrow batches with COPY, once per chunk.
+"""`postgres`: a PostgreSQL sink (append, upsert, replace) and source.
 
-A write is one transaction: an advisory lock on (table, run, chunk), a DELETE of what an
-earlier attempt of the chunk wrote, a COPY of the batch (CSV written by Arrow's C++
-writer), the caller's fence check, then COMMIT. Pure Python (no Django).
+Every write is one transaction under an advisory lock on (table, run, chunk) with the
+caller's fence checked before COMMIT. Append deletes what an earlier attempt of the
+chunk wrote and COPYs the batch (CSV written by Arrow's C++ writer); upsert COPYs the
+chunk's last row per key into a temporary table and merges it with
+`INSERT ... ON CONFLICT`; replace appends into a staging table that `finalize()` swaps
+in. The source lives in `postgres_source`. Pure Python (no Django).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import marshmallow
 import psycopg
 import pyarrow as pa
 import pyarrow.csv as pacsv
-from marshmallow import fields, validate
 from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 
 from connectors.base import (
     CHUNK_SEQ_COLUMN,
@@ -31,7 +25,6 @@ from connectors.base import (
     SOURCE_REF_COLUMN,
     SYSTEM_COLUMNS,
     Capabilities,
-    CheckResult,
     ConnectorContext,
     Fence,
     Plugin,
@@ -43,128 +36,48 @@ from connectors.exceptions import (
     ConnectorError,
     FencedError,
     TerminalError,
-    TransientError,
 )
 from connectors.plugins.sql.common import (
-    MAX_IDENTIFIER_BYTES,
     SqlWriteOptions,
+    check_key_columns,
     data_fields,
+    index_name,
     is_json,
+    last_row_per_key,
     load_write_options,
     lock_key,
     missing_columns,
+    staging_table,
     unsupported,
     with_system_columns,
 )
+from connectors.plugins.sql.pgcommon import (
+    PostgresClient,
+    PostgresConfig,
+    close_pools,
+    connection_kwargs,
+    redact,
+    shared_pool,
+)
+from connectors.plugins.sql.postgres_source import PostgresReadOptions, PostgresSource
 
-SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-APPLICATION_NAME = "dis-connector"
+__all__ = [
+    "PostgresConfig",
+    "PostgresPlugin",
+    "PostgresSink",
+    "PostgresSource",
+    "close_pools",
+    "connection_kwargs",
+    "pg_type",
+    "redact",
+    "shared_pool",
+]
+
 #: Rows per Arrow-to-CSV step inside one COPY (bounds the CSV buffer).
 COPY_BATCH_ROWS = 8_192
-#: Seconds a write waits for a pooled connection on top of `connect_timeout`.
-POOL_WAIT_SECONDS = 20.0
 _INT4_MAX = 2**31 - 1
-
-
-def _validate_host(value: str) -> None:
-    # A leading '/' would select a Unix socket directory and '=' smells of a DSN
-    # fragment: both are refused so the config stays a plain host name or address.
-    if not value or value.startswith("/") or "=" in value or value != value.strip():
-        raise marshmallow.ValidationError(
-            "Must be a host name or IP address (no socket path, no '=')."
-        )
-
-
-class PostgresConfig(marshmallow.Schema):
-    """Config of a PostgreSQL connector; `password` comes from the credential."""
-
-    host = fields.String(required=True, validate=_validate_host)
-    port = fields.Integer(load_default=5432, validate=validate.Range(1, 65535))
-    database = fields.String(required=True, validate=validate.Length(min=1))
-    user = fields.String(required=True, validate=validate.Length(min=1))
-    password = fields.String(
-        load_default=None, allow_none=True, metadata={"secret": True}
-    )
-    sslmode = fields.String(load_default="prefer", validate=validate.OneOf(SSL_MODES))
-    connect_timeout = fields.Integer(load_default=10, validate=validate.Range(1, 300))
-    pool_size = fields.Integer(load_default=4, validate=validate.Range(1, 64))
-
-
-def connection_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    """psycopg connection keyword arguments from a loaded config (never a raw DSN).
-
-    Raises:
-        ConfigError: a host that is a socket path or carries '='.
-    """
-    try:
-        _validate_host(str(config.get("host", "")))
-    except marshmallow.ValidationError:
-        raise ConfigError("host must be a host name or IP address") from None
-    kwargs: dict[str, Any] = {
-        "host": config["host"],
-        "port": int(config.get("port", 5432)),
-        "dbname": config["database"],
-        "user": config["user"],
-        "sslmode": config.get("sslmode", "prefer"),
-        "connect_timeout": int(config.get("connect_timeout", 10)),
-        "application_name": APPLICATION_NAME,
-        "autocommit": True,
-    }
-    if config.get("password"):
-        kwargs["password"] = config["password"]
-    return kwargs
-
-
-_POOLS: dict[str, ConnectionPool] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def shared_pool(config: dict[str, Any]) -> ConnectionPool:
-    """The process's connection pool for `config`, created on first use.
-
-    Keyed by a hash of the connection settings and the process id, so a forked worker
-    never reuses its parent's sockets. Before creating a pool, one direct connection
-    is made and closed: a pool would hide why it cannot connect (wrong port, unknown
-    database) behind a timeout, while the direct attempt fails at once and clearly.
-
-    Raises:
-        psycopg.Error: the direct connection failed.
-    """
-    kwargs = connection_kwargs(config)
-    size = int(config.get("pool_size", 4))
-    material = json.dumps([os.getpid(), size, kwargs], sort_keys=True, default=str)
-    key = hashlib.sha256(material.encode()).hexdigest()
-    with _POOLS_LOCK:
-        pool = _POOLS.get(key)
-        if pool is None or pool.closed:
-            psycopg.connect(**kwargs).close()
-            pool = ConnectionPool(
-                kwargs=kwargs,
-                min_size=0,
-                max_size=size,
-                open=True,
-                timeout=kwargs["connect_timeout"] + POOL_WAIT_SECONDS,
-                check=ConnectionPool.check_connection,
-                name=f"dis-{kwargs['host']}:{kwargs['port']}/{kwargs['dbname']}",
-            )
-            _POOLS[key] = pool
-    return pool
-
-
-def close_pools() -> None:
-    """Close every pool of this process (worker shutdown, tests)."""
-    with _POOLS_LOCK:
-        pools = list(_POOLS.values())
-        _POOLS.clear()
-    for pool in pools:
-        pool.close()
-
-
-def redact(text: str, password: str | None) -> str:
-    """`text` without the password and without any `password=...` fragment."""
-    if password:
-        text = text.replace(password, "***")
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text)
+#: The temporary table an upsert stages its chunk in (dropped at commit).
+UPSERT_STAGE = "dis_upsert_stage"
 
 
 def pg_type(field: pa.Field) -> str:
@@ -234,8 +147,8 @@ def csv_ready(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, names=table.column_names)
 
 
-class PostgresSink(Sink):
-    """Appends batches to a PostgreSQL table, replacing earlier attempts of a chunk."""
+class PostgresSink(PostgresClient, Sink):
+    """Writes batches to a PostgreSQL table: append, upsert by key, or replace."""
 
     def __init__(
         self, config: dict[str, Any], context: ConnectorContext | None = None
@@ -243,50 +156,50 @@ class PostgresSink(Sink):
         super().__init__(config, context)
         self._kwargs = connection_kwargs(config)
 
-    # -- naming --------------------------------------------------------------------
-
-    @property
-    def _target(self) -> str:
-        return f"{self._kwargs['host']}:{self._kwargs['port']}/{self._kwargs['dbname']}"
-
     def dataset_name(self, options: dict[str, Any]) -> str:
         opts = load_write_options(options, default_schema="public")
         return f"postgres://{self._target}.{opts['schema']}.{opts['table']}"
 
-    # -- contract --------------------------------------------------------------------
+    # -- prepare -------------------------------------------------------------------
 
-    def check(self) -> CheckResult:
-        """Connect directly (not through the pool) and run `SELECT 1`."""
-        user = self._kwargs["user"]
-        try:
-            with psycopg.connect(**self._kwargs) as conn:
-                row = conn.execute(
-                    "SELECT 1, current_setting('server_version')"
-                ).fetchone()
-        except psycopg.Error as exc:
-            return CheckResult(
-                False, f"cannot connect to {self._target} as {user}: {self._text(exc)}"
-            )
-        version = row[1] if row else "?"
-        return CheckResult(
-            True, f"connected to {self._target} as {user} (PostgreSQL {version})"
-        )
+    def prepare(
+        self,
+        options: dict[str, Any],
+        schema: pa.Schema,
+        *,
+        run_id: int | None = None,
+    ) -> None:
+        """Create the target (or check and evolve it) for `schema`.
 
-    def prepare(self, options: dict[str, Any], schema: pa.Schema) -> None:
-        """Create the table (and its (run, chunk) index) or check its columns.
+        Append and upsert write to the table named in the options; upsert also makes
+        sure a unique index on `key` exists (creating it when missing). Replace
+        creates the run's staging table `<table>__dis_run_<run_id>` instead.
+        An existing table that lacks data columns gets them added when the options
+        say `evolve: add_columns`; otherwise (and always for missing system
+        columns) `prepare` fails naming them.
+
+        Args:
+            options: the pipeline's write options.
+            schema: the data columns to store (system columns are left out).
+            run_id: the run being prepared; required for `replace`.
 
         Raises:
-            ConfigError: bad options, or a column type PostgreSQL cannot take.
+            ConfigError: bad options, a key not in the data, or a column type
+                PostgreSQL cannot take.
             TerminalError: the schema is missing, the existing table lacks columns,
-                or permission is denied.
+                duplicate keys prevent the unique index, or permission is denied.
             TransientError: the server cannot be reached.
         """
         opts = load_write_options(options, default_schema="public")
-        schema_name, table = opts["schema"], opts["table"]
+        schema_name = opts["schema"]
+        table = self._table_for(opts, run_id)
         fields_ = data_fields(schema)
+        types = {f.name: pg_type(f) for f in fields_}
+        if opts["write_mode"] == "upsert":
+            check_key_columns(opts["key"], list(types))
         definitions = [
-            sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(pg_type(f)))
-            for f in fields_
+            sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(type_))
+            for name, type_ in types.items()
         ]
         definitions += [
             sql.SQL("{} bigint NOT NULL").format(sql.Identifier(RUN_ID_COLUMN)),
@@ -294,8 +207,7 @@ class PostgresSink(Sink):
             sql.SQL("{} text").format(sql.Identifier(SOURCE_REF_COLUMN)),
         ]
         qualified = sql.Identifier(schema_name, table)
-        required = [f.name for f in fields_] + list(SYSTEM_COLUMNS)
-        key = lock_key("prepare", self._kwargs["dbname"], schema_name, table)
+        key = lock_key("prepare", self._kwargs["dbname"], schema_name, opts["table"])
         try:
             with self._connection() as conn, conn.transaction():
                 # Serialise concurrent prepares: CREATE TABLE IF NOT EXISTS can still
@@ -310,23 +222,82 @@ class PostgresSink(Sink):
                     )
                     conn.execute(
                         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({}, {})").format(
-                            sql.Identifier(_index_name(table)),
+                            sql.Identifier(index_name(table, "run_chunk_idx")),
                             qualified,
                             sql.Identifier(RUN_ID_COLUMN),
                             sql.Identifier(CHUNK_SEQ_COLUMN),
                         )
                     )
-                    return
-                missing = missing_columns(required, existing)
-                if missing:
-                    raise TerminalError(
-                        f"table {schema_name}.{table} exists but lacks column(s) "
-                        f"{', '.join(missing)}: add them or write to another table"
-                    )
+                else:
+                    self._evolve(conn, opts, table, types, existing)
+                if opts["write_mode"] == "upsert":
+                    self._ensure_unique_key(conn, schema_name, table, opts["key"])
         except ConnectorError:
             raise
         except (psycopg.Error, PoolTimeout) as exc:
             raise self._failure(exc, f"preparing {schema_name}.{table}") from None
+
+    @staticmethod
+    def _evolve(
+        conn: psycopg.Connection[Any],
+        opts: dict[str, Any],
+        table: str,
+        types: dict[str, str],
+        existing: set[str],
+    ) -> None:
+        """Add the missing data columns when allowed, else fail naming them."""
+        missing = missing_columns([*types, *SYSTEM_COLUMNS], existing)
+        addable = [name for name in missing if name in types]
+        if opts["evolve"] == "add_columns" and addable == missing:
+            for name in addable:
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                        sql.Identifier(opts["schema"], table),
+                        sql.Identifier(name),
+                        sql.SQL(types[name]),
+                    )
+                )
+            return
+        if missing:
+            hint = (
+                "add them or write to another table"
+                if opts["evolve"] == "add_columns"
+                else "add them, set evolve: add_columns, or write to another table"
+            )
+            raise TerminalError(
+                f"table {opts['schema']}.{table} exists but lacks column(s) "
+                f"{', '.join(missing)}: {hint}"
+            )
+
+    @staticmethod
+    def _ensure_unique_key(
+        conn: psycopg.Connection[Any],
+        schema_name: str,
+        table: str,
+        key: list[str],
+    ) -> None:
+        """Create a unique index on `key` unless one on exactly those columns exists."""
+        qualified = sql.Identifier(schema_name, table)
+        found = conn.execute(
+            "SELECT 1 FROM pg_index i "
+            "WHERE i.indrelid = %s::regclass AND i.indisunique "
+            "AND i.indpred IS NULL AND i.indexprs IS NULL "
+            "AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text) "
+            "     FROM unnest(i.indkey) AS k(attnum) JOIN pg_attribute a "
+            "     ON a.attrelid = i.indrelid AND a.attnum = k.attnum) = %s::text[]",
+            (qualified.as_string(conn), sorted(key)),
+        ).fetchone()
+        if found:
+            return
+        conn.execute(
+            sql.SQL("CREATE UNIQUE INDEX {} ON {} ({})").format(
+                sql.Identifier(index_name(table, "key_idx")),
+                qualified,
+                sql.SQL(", ").join(map(sql.Identifier, key)),
+            )
+        )
+
+    # -- write ---------------------------------------------------------------------
 
     def write(
         self,
@@ -337,39 +308,45 @@ class PostgresSink(Sink):
         chunk_seq: int,
         fence: Fence,
     ) -> WriteResult:
-        """Replace the rows of (run_id, chunk_seq) with `batch`, in one transaction.
+        """Write `batch` for (run_id, chunk_seq) in one transaction, idempotently.
 
-        The advisory lock's two int4 keys are a 32-bit hash of (database, schema,
-        table, run_id) and chunk_seq: attempts of one chunk of one table always take
-        the same lock; a hash collision between different chunks only makes them wait
-        for each other, never write wrongly.
+        Append (and replace, into its staging table) first deletes the rows an
+        earlier attempt of the chunk wrote. Upsert keeps the last row of each key
+        within the batch and merges those into the table in key order; rows from
+        before the run stay. The advisory lock's two int4 keys are a 32-bit hash of
+        (database, schema, table, run_id) and chunk_seq: attempts of one chunk of one
+        table always take the same lock; a hash collision between different chunks
+        only makes them wait for each other, never write wrongly.
+
+        Returns:
+            `rows_written` (rows appended or upserted) and `details`: `replaced`
+            (rows of an earlier attempt deleted, or for upsert rows updated) and,
+            for upsert, `inserted` and `updated`.
 
         Raises:
             FencedError: `fence()` returned False; nothing was committed.
             TransientError: connection lost, timeout, deadlock: retry.
-            TerminalError: missing table/column, permission denied, bad data.
+            TerminalError: missing table/column, permission denied, bad data, a
+                NULL key in an upsert.
         """
         opts = load_write_options(options, default_schema="public")
-        schema_name, table_name = opts["schema"], opts["table"]
+        schema_name, table_name = opts["schema"], self._table_for(opts, run_id)
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
         data_fields(batch.schema)  # name checks
         for field in batch.schema:
             if field.name not in SYSTEM_COLUMNS:
                 pg_type(field)  # refuse unmappable types before touching the server
+        upsert = opts["write_mode"] == "upsert"
+        if upsert:
+            check_key_columns(opts["key"], batch.column_names)
+            batch = last_row_per_key(batch, opts["key"])
         table = with_system_columns(
             csv_ready(batch), run_id=run_id, chunk_seq=chunk_seq
         )
-        qualified = sql.Identifier(schema_name, table_name)
-        copy = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
-            qualified, sql.SQL(", ").join(map(sql.Identifier, table.column_names))
-        )
-        delete = sql.SQL("DELETE FROM {} WHERE {} = %s AND {} = %s").format(
-            qualified, sql.Identifier(RUN_ID_COLUMN), sql.Identifier(CHUNK_SEQ_COLUMN)
-        )
-        key1 = lock_key(self._kwargs["dbname"], schema_name, table_name, run_id)
+        key1 = lock_key(self._kwargs["dbname"], schema_name, opts["table"], run_id)
         key2 = chunk_seq if 0 <= chunk_seq <= _INT4_MAX else lock_key(chunk_seq)
-        write_options = pacsv.WriteOptions(include_header=False)
+        details: dict[str, Any]
         try:
             with (
                 self._connection() as conn,
@@ -378,15 +355,19 @@ class PostgresSink(Sink):
             ):
                 cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (key1, key2))
                 cur.execute("SET LOCAL TimeZone TO 'UTC'")  # see csv_ready()
-                cur.execute(delete, (run_id, chunk_seq))
-                replaced = cur.rowcount
-                if table.num_rows:
-                    writer = QueuedLibpqWriter(cur)
-                    with cur.copy(copy, writer=writer) as copier:
-                        for part in table.to_batches(max_chunksize=COPY_BATCH_ROWS):
-                            buffer = pa.BufferOutputStream()
-                            pacsv.write_csv(part, buffer, write_options)
-                            copier.write(memoryview(buffer.getvalue()))
+                if upsert:
+                    details = _upsert(cur, schema_name, table_name, table, opts["key"])
+                    written = details["inserted"] + details["updated"]
+                else:
+                    delete = sql.SQL("DELETE FROM {} WHERE {} = %s AND {} = %s").format(
+                        sql.Identifier(schema_name, table_name),
+                        sql.Identifier(RUN_ID_COLUMN),
+                        sql.Identifier(CHUNK_SEQ_COLUMN),
+                    )
+                    cur.execute(delete, (run_id, chunk_seq))
+                    details = {"replaced": cur.rowcount}
+                    _copy(cur, sql.Identifier(schema_name, table_name), table)
+                    written = table.num_rows
                 if not fence():
                     raise FencedError(
                         f"chunk {chunk_seq} of run {run_id}: a newer attempt owns it"
@@ -395,14 +376,87 @@ class PostgresSink(Sink):
             raise
         except (psycopg.Error, PoolTimeout) as exc:
             raise self._failure(exc, f"writing to {schema_name}.{table_name}") from None
-        return WriteResult(rows_written=table.num_rows, details={"replaced": replaced})
+        return WriteResult(rows_written=written, details=details)
+
+    # -- finalize ------------------------------------------------------------------
+
+    def finalize(self, options: dict[str, Any], *, run_id: int) -> None:
+        """For `replace`: swap the run's staging table in, atomically.
+
+        One transaction renames the current table away, renames the staging table
+        to the target name, drops the old table and renames the staging table's
+        index. Calling it again (the staging table is gone, the target is there)
+        does nothing. Append and upsert have nothing to finalize.
+
+        Raises:
+            TerminalError: neither the staging table nor the target exists, or the
+                old table cannot be dropped (a view depends on it...).
+            TransientError: the server cannot be reached.
+        """
+        opts = load_write_options(options, default_schema="public")
+        if opts["write_mode"] != "replace":
+            return
+        schema_name, table = opts["schema"], opts["table"]
+        staging = staging_table(table, run_id)
+        old = staging_table(f"{table}__dis_old", run_id)
+        key = lock_key("prepare", self._kwargs["dbname"], schema_name, table)
+        rename = sql.SQL("ALTER TABLE {} RENAME TO {}")
+        try:
+            with self._connection() as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (key, -1))
+                has_staging = self._columns(conn, schema_name, staging) is not None
+                has_target = self._columns(conn, schema_name, table) is not None
+                if not has_staging:
+                    if has_target:
+                        return  # swapped by an earlier call
+                    raise TerminalError(
+                        f"replace of {schema_name}.{table}: staging table {staging} "
+                        "does not exist (was the run prepared?)"
+                    )
+                if has_target:
+                    conn.execute(
+                        rename.format(
+                            sql.Identifier(schema_name, table), sql.Identifier(old)
+                        )
+                    )
+                conn.execute(
+                    rename.format(
+                        sql.Identifier(schema_name, staging), sql.Identifier(table)
+                    )
+                )
+                if has_target:
+                    conn.execute(
+                        sql.SQL("DROP TABLE {}").format(
+                            sql.Identifier(schema_name, old)
+                        )
+                    )
+                conn.execute(
+                    sql.SQL("ALTER INDEX IF EXISTS {} RENAME TO {}").format(
+                        sql.Identifier(
+                            schema_name, index_name(staging, "run_chunk_idx")
+                        ),
+                        sql.Identifier(index_name(table, "run_chunk_idx")),
+                    )
+                )
+        except ConnectorError:
+            raise
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise self._failure(exc, f"swapping in {schema_name}.{table}") from None
 
     # -- helpers -------------------------------------------------------------------
 
-    @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        with shared_pool(self.config).connection() as conn:
-            yield conn
+    @staticmethod
+    def _table_for(opts: dict[str, Any], run_id: int | None) -> str:
+        """The table a write goes to: the target, or for replace its staging table.
+
+        Raises:
+            ConfigError: replace without a run id.
+        """
+        if opts["write_mode"] != "replace":
+            return str(opts["table"])
+        if run_id is None:
+            raise ConfigError("write_mode replace needs the run id to stage into")
+        return staging_table(opts["table"], run_id)
 
     @staticmethod
     def _columns(
@@ -430,53 +484,80 @@ class PostgresSink(Sink):
         ).fetchall()
         return {name for (name,) in names}
 
-    def _text(self, exc: BaseException) -> str:
-        text = " ".join(str(exc).split())
-        return redact(text, self._kwargs.get("password"))
 
-    def _failure(self, exc: BaseException, doing: str) -> ConnectorError:
-        """Class a driver error by what to do next; never with the password in it."""
-        if isinstance(exc, PoolTimeout):
-            # The pool hides why it could not connect: ask the server directly once.
-            try:
-                psycopg.connect(**self._kwargs).close()
-            except psycopg.Error as direct:
-                exc = direct
-            else:
-                return TransientError(
-                    f"{doing}: no free connection to {self._target} in the pool"
-                )
-        message = f"{doing} on {self._target}: {self._text(exc)}"
-        sqlstate = getattr(exc, "sqlstate", None) or ""
-        text = str(exc)
-        if (
-            sqlstate.startswith("28")  # invalid authorization
-            or sqlstate == "3D000"  # database does not exist
-            or "authentication failed" in text
-            or ("database" in text and "does not exist" in text)
-        ):
-            return TerminalError(message)
-        if sqlstate == "25006":  # read-only transaction: a failover in progress
-            return TransientError(message)
-        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-            return TransientError(message)
-        return TerminalError(message)
+def _copy(cur: psycopg.Cursor[Any], target: sql.Composable, table: pa.Table) -> None:
+    """COPY `table` into `target` as CSV written by Arrow, piece by piece."""
+    if not table.num_rows:
+        return
+    copy = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
+        target, sql.SQL(", ").join(map(sql.Identifier, table.column_names))
+    )
+    write_options = pacsv.WriteOptions(include_header=False)
+    writer = QueuedLibpqWriter(cur)
+    with cur.copy(copy, writer=writer) as copier:
+        for part in table.to_batches(max_chunksize=COPY_BATCH_ROWS):
+            buffer = pa.BufferOutputStream()
+            pacsv.write_csv(part, buffer, write_options)
+            copier.write(memoryview(buffer.getvalue()))
 
 
-def _index_name(table: str) -> str:
-    name = f"{table}_run_chunk_idx"
-    if len(name.encode()) > MAX_IDENTIFIER_BYTES:
-        digest = hashlib.blake2b(table.encode(), digest_size=6).hexdigest()
-        name = f"dis_{digest}_run_chunk_idx"
-    return name
+def _upsert(
+    cur: psycopg.Cursor[Any],
+    schema_name: str,
+    table_name: str,
+    table: pa.Table,
+    key: list[str],
+) -> dict[str, int]:
+    """COPY `table` (one row per key) into a temporary table and merge it."""
+    target = sql.Identifier(schema_name, table_name)
+    stage = sql.Identifier(UPSERT_STAGE)
+    columns = sql.SQL(", ").join(map(sql.Identifier, table.column_names))
+    keys = sql.SQL(", ").join(map(sql.Identifier, key))
+    cur.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA"
+        ).format(stage, columns, target)
+    )
+    _copy(cur, stage, table)
+    updates = sql.SQL(", ").join(
+        sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(n), sql.Identifier(n))
+        for n in table.column_names
+        if n not in key
+    )
+    # Rows go in key order so concurrent upserts lock shared keys in one order.
+    cur.execute(
+        sql.SQL(
+            "WITH merged AS (INSERT INTO {} AS t ({}) SELECT {} FROM {} "
+            "ORDER BY {} ON CONFLICT ({}) DO UPDATE SET {} "
+            "RETURNING (t.xmax = 0) AS inserted) "
+            "SELECT count(*) FILTER (WHERE inserted), count(*) FROM merged"
+        ).format(target, columns, columns, stage, keys, keys, updates)
+    )
+    row = cur.fetchone()
+    inserted, total = (int(row[0]), int(row[1])) if row else (0, 0)
+    return {
+        "inserted": inserted,
+        "updated": total - inserted,
+        "replaced": total - inserted,
+    }
 
 
 class PostgresPlugin(Plugin):
-    """PostgreSQL: an append sink, idempotent per (run, chunk), loaded with COPY."""
+    """PostgreSQL: a chunked, incremental source and an exactly-once sink."""
 
     kind = "postgres"
     title = "PostgreSQL"
     config_schema = PostgresConfig
-    capabilities = Capabilities(sink=True, exactly_once=True)
+    capabilities = Capabilities(
+        source=True,
+        sink=True,
+        incremental=True,
+        upsert=True,
+        discover=True,
+        chunkable=True,
+        exactly_once=True,
+    )
+    source_class = PostgresSource
     sink_class = PostgresSink
+    read_options_schema = PostgresReadOptions
     write_options_schema = SqlWriteOptions

@@ -24,7 +24,13 @@ from connectors.plugins.sql import PostgresPlugin
 from connectors.plugins.sql.common import lock_key
 from connectors.plugins.sql.postgres import PostgresSink, redact
 from connectors.registry import get_plugin
-from tests.connectors.contract import SinkContract
+from tests.connectors.contract import (
+    EvolveSinkContract,
+    ReplaceSinkContract,
+    SinkContract,
+    UpsertSinkContract,
+    keyed,
+)
 from tests.connectors.plugins.pgtools import PG_SETTINGS, pg_connect
 
 UTC = dt.UTC
@@ -100,6 +106,158 @@ class TestPostgresSinkContract(SinkContract):
             pytest.fail("the second writer never waited for the chunk lock")
 
         return wait
+
+
+class TestPostgresSinkModes(
+    UpsertSinkContract, ReplaceSinkContract, EvolveSinkContract
+):
+    """The `postgres` sink passes the upsert, replace and drift contracts."""
+
+    @pytest.fixture
+    def sink(self, pg_config: dict[str, Any]) -> PostgresSink:
+        return make_sink(pg_config)
+
+    @pytest.fixture
+    def base_options(self, pg_schema: str) -> dict[str, Any]:
+        return {"table": "people", "schema": pg_schema}
+
+    @pytest.fixture
+    def select(self, pg_schema: str) -> Callable[[str, list[str]], list[Any]]:
+        def select(table: str, columns: list[str]) -> list[Any]:
+            query = sql.SQL("SELECT {} FROM {} ORDER BY {}").format(
+                sql.SQL(", ").join(map(sql.Identifier, columns)),
+                sql.Identifier(pg_schema, table),
+                sql.SQL(", ").join(map(sql.Identifier, columns)),
+            )
+            with pg_connect() as conn:
+                return conn.execute(query).fetchall()
+
+        return select
+
+    @pytest.fixture
+    def columns_of(self, pg_schema: str) -> Callable[[str], set[str] | None]:
+        def columns_of(table: str) -> set[str] | None:
+            rows = fetch(
+                pg_schema,
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = %s AND table_name = %s",
+                pg_schema,
+                table,
+            )
+            return {name for (name,) in rows} or None
+
+        return columns_of
+
+    @pytest.fixture
+    def wait_until_blocked(self, pg_schema: str) -> Callable[[], None]:
+        return _waiter(pg_schema, "people", 11)
+
+
+def _waiter(schema: str, table: str, run_id: int) -> Callable[[], None]:
+    """Wait until a second session waits on the chunk lock of (table, run, 0)."""
+    key1 = lock_key(PG_SETTINGS["database"], schema, table, run_id)
+
+    def wait() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with pg_connect() as conn:
+                waiting = conn.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND NOT granted AND classid = %s::bigint::oid "
+                    "AND objid = 0 AND objsubid = 2",
+                    (key1 & 0xFFFFFFFF,),
+                ).fetchone()
+            if waiting and waiting[0]:
+                return
+            time.sleep(0.02)
+        pytest.fail("the second writer never waited for the chunk lock")
+
+    return wait
+
+
+def test_upsert_creates_a_unique_index_on_the_key_once(
+    pg_config: dict[str, Any], pg_schema: str
+) -> None:
+    options = {"table": "t", "schema": pg_schema, "write_mode": "upsert", "key": "id"}
+    make_sink(pg_config).prepare(options, keyed([]).schema)
+
+    make_sink(pg_config).prepare(options, keyed([]).schema)
+
+    assert fetch(
+        pg_schema,
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND tablename = 't' "
+        "ORDER BY 1",
+        pg_schema,
+    ) == [
+        (f"CREATE INDEX t_run_chunk_idx ON {pg_schema}.t USING btree (_run_id, "
+         "_chunk_seq)",),
+        (f"CREATE UNIQUE INDEX t_key_idx ON {pg_schema}.t USING btree (id)",),
+    ]  # fmt: skip
+
+
+def test_upsert_uses_an_existing_primary_key(
+    pg_config: dict[str, Any], pg_schema: str
+) -> None:
+    with pg_connect() as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {} (name text, id bigint, PRIMARY KEY (name, id), "
+                "_run_id bigint NOT NULL, _chunk_seq integer NOT NULL, "
+                "_source_ref text)"
+            ).format(sql.Identifier(pg_schema, "t"))
+        )
+    options = {
+        "table": "t", "schema": pg_schema, "write_mode": "upsert", "key": ["id", "name"]
+    }  # fmt: skip
+    sink = make_sink(pg_config)
+    sink.prepare(options, keyed([]).schema)
+
+    sink.write(options, keyed([(1, "a"), (1, "a")]), run_id=1, chunk_seq=0,
+               fence=lambda: True)  # fmt: skip
+
+    assert fetch(pg_schema, "SELECT id, name, _source_ref FROM t") == [(1, "a", "k#2")]
+    assert fetch(
+        pg_schema,
+        "SELECT indexname FROM pg_indexes WHERE schemaname = %s",
+        pg_schema,
+    ) == [("t_pkey",)]
+
+
+def test_upsert_with_duplicate_keys_in_the_table_is_terminal(
+    pg_config: dict[str, Any], pg_schema: str
+) -> None:
+    sink = make_sink(pg_config)
+    base = {"table": "t", "schema": pg_schema}
+    sink.prepare(base, keyed([]).schema)
+    sink.write(base, keyed([(1, "a"), (1, "b")]), run_id=1, chunk_seq=0,
+               fence=lambda: True)  # fmt: skip
+
+    with pytest.raises(TerminalError, match="could not create unique index"):
+        sink.prepare({**base, "write_mode": "upsert", "key": ["id"]}, keyed([]).schema)
+
+
+def test_replace_keeps_the_old_table_until_finalize_and_views_block_the_swap(
+    pg_config: dict[str, Any], pg_schema: str
+) -> None:
+    sink = make_sink(pg_config)
+    options = {"table": "t", "schema": pg_schema, "write_mode": "replace"}
+    sink.prepare(options, keyed([]).schema, run_id=1)
+    sink.write(options, keyed([(1, "a")]), run_id=1, chunk_seq=0, fence=lambda: True)
+    sink.finalize(options, run_id=1)
+    with pg_connect() as conn:
+        conn.execute(
+            sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(
+                sql.Identifier(pg_schema, "v"), sql.Identifier(pg_schema, "t")
+            )
+        )
+    sink.prepare(options, keyed([]).schema, run_id=2)
+    sink.write(options, keyed([(2, "b")]), run_id=2, chunk_seq=0, fence=lambda: True)
+
+    with pytest.raises(TerminalError, match="depend"):
+        sink.finalize(options, run_id=2)
+
+    assert fetch(pg_schema, "SELECT id FROM t") == [(1,)]
+    assert fetch(pg_schema, "SELECT id FROM t__dis_run_2") == [(2,)]
 
 
 def test_the_registry_finds_the_plugin() -> None:
@@ -445,7 +603,18 @@ def test_the_password_is_a_secret_field() -> None:
     ("options", "field"),
     [
         pytest.param({}, "table", id="no-table"),
-        pytest.param({"table": "t", "write_mode": "upsert"}, "write_mode", id="mode"),
+        pytest.param({"table": "t", "write_mode": "merge"}, "write_mode", id="mode"),
+        pytest.param({"table": "t", "write_mode": "upsert"}, "key", id="no-key"),
+        pytest.param(
+            {"table": "t", "write_mode": "upsert", "key": []}, "key", id="empty-key"
+        ),
+        pytest.param(
+            {"table": "t", "write_mode": "upsert", "key": ["_run_id"]},
+            "key",
+            id="system-key",
+        ),
+        pytest.param({"table": "t", "evolve": "drop"}, "evolve", id="evolve"),
+        pytest.param({"table": "t__dis_run_1"}, "table", id="staging-name"),
         pytest.param({"table": "x" * 64}, "table", id="long-name"),
     ],
 )

@@ -19,7 +19,13 @@ from connectors.exceptions import ConfigError, TerminalError, TransientError
 from connectors.plugins.sql import SqlitePlugin
 from connectors.plugins.sql.sqlite import SqliteSink
 from connectors.registry import get_plugin
-from tests.connectors.contract import SinkContract
+from tests.connectors.contract import (
+    EvolveSinkContract,
+    ReplaceSinkContract,
+    SinkContract,
+    UpsertSinkContract,
+    keyed,
+)
 
 
 def make_sink(path: Path, **config: Any) -> SqliteSink:
@@ -77,6 +83,62 @@ class TestSqliteSinkContract(SinkContract):
         # SQLite does not show who waits on its lock: give the second writer time
         # to reach BEGIN IMMEDIATE (the outcome is the same either way).
         return lambda: time.sleep(0.3)
+
+
+class TestSqliteSinkModes(UpsertSinkContract, ReplaceSinkContract, EvolveSinkContract):
+    """The `sqlite` sink passes the upsert, replace and drift contracts."""
+
+    @pytest.fixture
+    def db(self, tmp_path: Path) -> Path:
+        return tmp_path / "out.db"
+
+    @pytest.fixture
+    def sink(self, db: Path) -> SqliteSink:
+        return make_sink(db)
+
+    @pytest.fixture
+    def base_options(self) -> dict[str, Any]:
+        return {"table": "people"}
+
+    @pytest.fixture
+    def select(self, db: Path) -> Callable[[str, list[str]], list[Any]]:
+        def select(table: str, columns: list[str]) -> list[Any]:
+            names = ", ".join(f'"{c}"' for c in columns)
+            return fetch(db, f'SELECT {names} FROM "{table}" ORDER BY {names}')
+
+        return select
+
+    @pytest.fixture
+    def columns_of(self, db: Path) -> Callable[[str], set[str] | None]:
+        def columns_of(table: str) -> set[str] | None:
+            rows = fetch(db, "SELECT name FROM pragma_table_info(?)", table)
+            return {name for (name,) in rows} or None
+
+        return columns_of
+
+    @pytest.fixture
+    def wait_until_blocked(self) -> Callable[[], None]:
+        return lambda: time.sleep(0.3)
+
+
+def test_upsert_creates_one_unique_index_and_replace_recreates_the_run_index(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "t.db"
+    sink = make_sink(db)
+    upsert = {"table": "t", "write_mode": "upsert", "key": ["id"]}
+    sink.prepare(upsert, keyed([]).schema)
+    sink.prepare(upsert, keyed([]).schema)
+    replace = {"table": "r", "write_mode": "replace"}
+    sink.prepare(replace, keyed([]).schema, run_id=3)
+    sink.finalize(replace, run_id=3)
+
+    assert fetch(db, "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' "
+                 "ORDER BY 1") == [
+        ("r_run_chunk_idx", "r"),
+        ("t_key_idx", "t"),
+        ("t_run_chunk_idx", "t"),
+    ]  # fmt: skip
 
 
 def test_the_registry_finds_the_plugin() -> None:
