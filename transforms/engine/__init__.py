@@ -6,8 +6,14 @@ batch (see ``docs/transforms.md``). Nothing here imports Django.
 
 from __future__ import annotations
 
-from transforms.engine.compiler import CompiledPipeline, EngineResult, compile_steps
+from transforms.engine.compiler import (
+    CompiledPipeline,
+    EngineResult,
+    compile_steps,
+    merge_partials,
+)
 from transforms.engine.exceptions import EngineError, InputSchemaError, StepConfigError
+from transforms.engine.expressions import expression_columns
 
 __all__ = [
     "CompiledPipeline",
@@ -16,4 +22,6 @@ __all__ = [
     "InputSchemaError",
     "StepConfigError",
     "compile_steps",
+    "expression_columns",
+    "merge_partials",
 ]

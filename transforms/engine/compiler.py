@@ -5,6 +5,11 @@ query itself is planned per input schema (once, then cached) because the cast
 of a mapped value depends on the type its expression yields. Each run
 registers the batch as a view (no copy), runs one query and splits its result
 into output and rejected rows with Arrow kernels: no per-record Python.
+
+The few things SQL cannot do run after the query, on one column of the rows
+it kept: JSON Schema rules (once per distinct payload) and Fernet encryption
+(once per value). An aggregate step groups the kept rows in a second DuckDB
+query into partial aggregates, which ``merge_partials`` merges.
 """
 
 from __future__ import annotations
@@ -19,8 +24,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from transforms.engine.aggregate import AggregateQueries, merge, static_queries
 from transforms.engine.connection import connect, first_line
 from transforms.engine.exceptions import EngineError
+from transforms.engine.jsonrules import JsonCheck, compile_check
+from transforms.engine.lineage import column_lineage
+from transforms.engine.masking import Secrets, encrypt_column
 from transforms.engine.planner import (
     BATCH_VIEW,
     ERR,
@@ -37,8 +46,11 @@ from transforms.engine.steps import (
     ERROR_COLUMN,
     SOURCE_REF,
     STEP_COLUMN,
+    AggregateStep,
     MapStep,
+    MaskStep,
     Step,
+    ValidateStep,
     parse_steps,
 )
 
@@ -65,10 +77,12 @@ class EngineResult:
     """What one batch became.
 
     Attributes:
-        output: the output schema's columns, then ``_source_ref``.
+        output: the output schema's columns, then ``_source_ref``; for an
+            aggregate pipeline, the batch's partial aggregates (no
+            ``_source_ref``), to merge with ``merge_partials``.
         rejected: the input columns as received, then ``_error`` (the
             messages, ``; ``-separated) and ``_step`` (the first failing step:
-            ``map``, ``filter`` or ``validate``).
+            ``map``, ``filter``, ``validate`` or ``aggregate``).
         filtered: rows dropped by filter steps (counted, not rejected).
         rows_in: rows in the input batch.
     """
@@ -104,6 +118,7 @@ class CompiledPipeline:
         threads: int = 1,
         memory_limit: str = "1GB",
         input_schema: pa.Schema | None = None,
+        secrets: Mapping[str, str] | None = None,
     ) -> None:
         self.steps = list(steps)
         self.timezone = timezone
@@ -112,19 +127,37 @@ class CompiledPipeline:
         )
         self._plans: dict[_SchemaKey, Plan] = {}
         self._safe_plans: dict[_SchemaKey, Plan | None] = {}
-        maps = [step for step in self.steps if isinstance(step, MapStep)]
-        self._static_schema = (
-            pa.schema([f.type.arrow_field(f.name) for f in maps[-1].fields])
-            if maps
-            else None
-        )
+        self._aggregates: dict[_SchemaKey, AggregateQueries] = {}
+        last = self.steps[-1] if self.steps else None
+        self._aggregate = last if isinstance(last, AggregateStep) else None
+        # The rows' schema before an aggregate (the output otherwise).
+        self._static_rows = _static_rows_schema(self.steps)
+        self._static_schema = None if self._aggregate else self._static_rows
+        self._static_aggregate: AggregateQueries | None = None
         try:
+            self._secrets = Secrets(self.con, self.steps, secrets)
+            self._json_checks: dict[str, JsonCheck] = {
+                rule.path: compile_check(rule)
+                for step in self.steps
+                if isinstance(step, ValidateStep)
+                for rule in step.rules
+                if rule.kind == "json_schema"
+            }
             self._constants = Constants(self.con, self.steps)
+            if self._aggregate is not None and self._static_rows is not None:
+                self._static_aggregate = static_queries(
+                    self.con, self._aggregate, self._static_rows
+                )
             if input_schema is not None:
                 self._plan(_without_view_types(input_schema.empty_table()).schema)
         except BaseException:
             self.close()
             raise
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(step.kind for step in self.steps)
+        state = "closed" if self._con is None else "open"
+        return f"<CompiledPipeline [{kinds}] {state}>"
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
@@ -137,13 +170,17 @@ class CompiledPipeline:
     def output_schema(self) -> pa.Schema:
         """The output's data columns (without ``_source_ref``).
 
-        Known at compile time from the last map step's field types. Without a
-        map step the output is the input's columns: known once ``input_schema``
-        was given to ``compile_steps`` or a batch has run.
+        Known at compile time from the last map step's field types (a mask
+        step makes its fields strings). Without a map step the output is the
+        input's columns: known once ``input_schema`` was given to
+        ``compile_steps`` or a batch has run. For an aggregate pipeline, the
+        schema of the partial aggregates ``run()`` outputs.
 
         Raises:
             EngineError: no map step, and no input schema known yet.
         """
+        if self._aggregate is not None:
+            return self._known_aggregate().partial_schema
         if self._static_schema is not None:
             return self._static_schema
         if self._plans:
@@ -152,6 +189,81 @@ class CompiledPipeline:
         raise EngineError(
             "without a map step the output schema is the input's: "
             "pass input_schema to compile_steps or run a batch first"
+        )
+
+    @property
+    def is_aggregate(self) -> bool:
+        """Whether the last step is an aggregate (``run()`` gives partials)."""
+        return self._aggregate is not None
+
+    @property
+    def final_schema(self) -> pa.Schema:
+        """The schema of the pipeline's result: for an aggregate pipeline, of
+        ``merge_partials``'s output (group keys, then one column per
+        measure); otherwise the output schema.
+
+        Raises:
+            EngineError: the schema depends on an input schema not known yet.
+        """
+        if self._aggregate is not None:
+            return self._known_aggregate().final_schema
+        return self.output_schema
+
+    @property
+    def column_lineage(self) -> dict[str, list[str]]:
+        """Each final output field -> the source columns its value reads.
+
+        Raises:
+            EngineError: no map step, and no input schema known yet (the
+                output fields are then the input's columns).
+        """
+        if self._aggregate is not None:
+            outputs = [
+                *self._aggregate.group_by,
+                *(m.name for m in self._aggregate.measures),
+            ]
+        else:
+            maps = [step for step in self.steps if isinstance(step, MapStep)]
+            outputs = (
+                [f.name for f in maps[-1].fields] if maps else self.output_schema.names
+            )
+        return column_lineage(self.steps, outputs)
+
+    def merge_partials(
+        self, partial_tables: Sequence[pa.Table], *, final: bool = True
+    ) -> pa.Table:
+        """Merge partial aggregates of any number of batches.
+
+        The result equals one pass over all the batches' rows, whatever the
+        split (float sums and averages up to summation-order rounding).
+
+        Args:
+            partial_tables: ``run()`` outputs; empty tables are fine.
+            final: True for the final values (``final_schema``); False for one
+                merged partial table (``output_schema``), to merge further.
+
+        Returns:
+            One row per group; without ``group_by`` exactly one row.
+
+        Raises:
+            EngineError: not an aggregate pipeline, a table that is not its
+                partial, or the partial schema is not known (no map step, no
+                input schema and no table).
+        """
+        if self._aggregate is None:
+            raise EngineError("merge_partials needs a pipeline ending in aggregate")
+        queries = self._static_aggregate or next(iter(self._aggregates.values()), None)
+        if queries is not None:
+            partials = queries.partial_schema
+        elif partial_tables:
+            partials = partial_tables[0].schema
+        else:
+            raise EngineError(
+                "the partial schema is not known: pass input_schema to "
+                "compile_steps, run a batch or pass a partial table"
+            )
+        return merge(
+            self.con, self._aggregate, partials, list(partial_tables), final=final
         )
 
     def run(self, batch: pa.RecordBatch | pa.Table) -> EngineResult:
@@ -186,14 +298,25 @@ class CompiledPipeline:
             result, failures = self._recover(table.schema, plan, work)
 
         ok = pc.is_null(result.column(ERR))
-        output = result.filter(ok).select(plan.output_schema.names)
+        good = result.filter(ok)
         bad = result.filter(pc.invert(ok))
         if pc.any(pc.is_valid(bad.column(RAISED))).as_py():
             bad = self._diagnose_raised(table.schema, bad, work)
+        filtered = rows_in - result.num_rows - len(failures)
+        if plan.json_checks:
+            good, invalid = self._check_json(plan, good)
+            failures = [*failures, *invalid]
+        output = good.select(plan.output_schema.names).cast(plan.output_schema)
+        for f, column in plan.encrypted:
+            index = output.schema.get_field_index(column)
+            tokens = encrypt_column(self._secrets.fernets[f.secret], output[column])
+            output = output.set_column(index, output.schema.field(index), tokens)
+        if self._aggregate is not None:
+            output = self._partials(table.schema, output)
         return EngineResult(
-            output=output.cast(plan.output_schema),
+            output=output,
             rejected=_rejected(table, bad, failures),
-            filtered=rows_in - result.num_rows - len(failures),
+            filtered=filtered,
             rows_in=rows_in,
         )
 
@@ -238,8 +361,56 @@ class CompiledPipeline:
                 plan = self._builder(safe=False).build()
             finally:
                 self.con.unregister(BATCH_VIEW)
+            if self._aggregate is not None:
+                rows = plan.output_schema
+                rows = rows.remove(rows.get_field_index(SOURCE_REF))
+                self._aggregates[key] = AggregateQueries(
+                    self.con, self._aggregate, rows
+                )
             self._plans[key] = plan
         return plan
+
+    def _known_aggregate(self) -> AggregateQueries:
+        if self._static_aggregate is not None:
+            return self._static_aggregate
+        if self._aggregates:
+            return next(iter(self._aggregates.values()))
+        raise EngineError(
+            "without a map step the aggregate's schema depends on the input's: "
+            "pass input_schema to compile_steps or run a batch first"
+        )
+
+    def _partials(self, schema: pa.Schema, rows: pa.Table) -> pa.Table:
+        partials = self._aggregates[_schema_key(schema)].partials(self.con, rows)
+        if self._static_aggregate is not None:
+            partials = partials.cast(self._static_aggregate.partial_schema)
+        return partials
+
+    def _check_json(
+        self, plan: Plan, good: pa.Table
+    ) -> tuple[pa.Table, list[_Failure]]:
+        """Apply the json_schema rules to the rows the query kept.
+
+        Returns:
+            The rows that pass, and a failure (``validate``) per row that does
+            not, with its messages in rule order.
+        """
+        found: dict[int, list[str]] = {}
+        for rule, column in plan.json_checks:
+            check = self._json_checks[rule.path]
+            for row, message in check.errors(good.column(column)):
+                found.setdefault(row, []).append(message)
+        if not found:
+            return good, []
+        rows = sorted(found)
+        rids = good.column(RID).take(pa.array(rows, pa.int64())).to_pylist()
+        keep = np.ones(good.num_rows, dtype=bool)
+        keep[rows] = False
+        failures = [
+            _Failure(rid, "validate", "; ".join(found[row]))
+            for rid, row in zip(rids, rows, strict=True)
+        ]
+        return good.filter(pa.array(keep)), failures
 
     def _safe_plan(self, schema: pa.Schema) -> Plan | None:
         """The TRY-wrapped plan, or None when DuckDB refuses TRY (volatile
@@ -381,6 +552,21 @@ def _without_view_types(table: pa.Table) -> pa.Table:
     return table if schema == table.schema else table.cast(schema)
 
 
+def _static_rows_schema(steps: Sequence[Step]) -> pa.Schema | None:
+    """The rows' schema after the steps, when known without the input's:
+    the last map's fields, masked fields turned to strings."""
+    schema: pa.Schema | None = None
+    for step in steps:
+        if isinstance(step, MapStep):
+            schema = pa.schema([f.type.arrow_field(f.name) for f in step.fields])
+        elif isinstance(step, MaskStep) and schema is not None:
+            names = [n.lower() for n in schema.names]
+            for f in step.fields:
+                index = names.index(f.name.lower())
+                schema = schema.set(index, pa.field(schema.names[index], pa.string()))
+    return schema
+
+
 def _schema_key(schema: pa.Schema) -> _SchemaKey:
     return tuple((f.name, str(f.type)) for f in schema)
 
@@ -414,18 +600,22 @@ def compile_steps(
     threads: int = 1,
     memory_limit: str = "1GB",
     input_schema: pa.Schema | None = None,
+    secrets: Mapping[str, str] | None = None,
 ) -> CompiledPipeline:
     """Check a step list and compile it for DuckDB.
 
     Args:
-        steps: the step config: a list of ``map``, ``filter`` and ``validate``
-            objects, run in order.
+        steps: the step config: a list of ``map``, ``filter``, ``validate``,
+            ``mask`` and ``aggregate`` objects, run in order.
         timezone: IANA time zone of the session: naive strings cast to
             ``timestamptz`` are read in it, and so are SQL time functions.
         threads: DuckDB threads; 1 because workers are processes.
         memory_limit: DuckDB memory limit, e.g. ``"1GB"``.
         input_schema: the source batch schema, when known: expressions are
             then checked against its columns and the query is planned now.
+        secrets: values mask steps use, by name: ``mask_salt`` (sha256) and
+            ``fernet_key`` (encrypt) unless a field names another. They are
+            never put in SQL text, error messages or reprs.
 
     Returns:
         The compiled pipeline; ``close()`` it when done.
@@ -443,4 +633,26 @@ def compile_steps(
         threads=threads,
         memory_limit=memory_limit,
         input_schema=input_schema,
+        secrets=secrets,
     )
+
+
+def merge_partials(
+    compiled: CompiledPipeline, partial_tables: Sequence[pa.Table]
+) -> pa.Table:
+    """Merge an aggregate pipeline's partial tables into its final result.
+
+    Equals one pass over all the rows, whatever the split into batches (float
+    sums and averages up to summation-order rounding). Runs in DuckDB.
+
+    Args:
+        compiled: the aggregate pipeline that produced the partials.
+        partial_tables: ``run()`` outputs, in any order; empty ones are fine.
+
+    Returns:
+        The final table, of schema ``compiled.final_schema``.
+
+    Raises:
+        EngineError: see ``CompiledPipeline.merge_partials``.
+    """
+    return compiled.merge_partials(partial_tables)

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import sqlglot
 from sqlglot import exp
-from sqlglot.errors import SqlglotError
+from sqlglot.errors import SqlglotError, TokenError
 
 from transforms.engine.exceptions import StepConfigError
 
@@ -97,7 +97,17 @@ def check_expression(
         raise StepConfigError(path, "expression must be a non-empty string")
     try:
         trees = sqlglot.parse(text, read="duckdb")
+    except TokenError as error:
+        # The tokenizer's message has no position (an unterminated string
+        # or quoted name): find where the bad token starts.
+        line, col = _token_error_position(text)
+        raise StepConfigError(
+            path,
+            f"invalid SQL expression: unterminated string or quoted name "
+            f"starting at Line {line}, Col: {col}.",
+        ) from error
     except SqlglotError as error:
+        # sqlglot's message ends with "Line <n>, Col: <m>." (1-based).
         first = str(error).splitlines()[0]
         raise StepConfigError(path, f"invalid SQL expression: {first}") from error
     trees = [tree for tree in trees if tree is not None]
@@ -140,3 +150,56 @@ def check_expression(
             ):
                 raise StepConfigError(path, f"unknown column {head!r}")
     return tree.sql(dialect="duckdb")
+
+
+_MAX_SCANNED_CHARS = 10_000
+
+
+def _token_error_position(text: str) -> tuple[int, int]:
+    """Line and column (1-based) where the token that does not tokenize starts.
+
+    The longest prefix that tokenizes ends just before it. Costs one
+    tokenization per character scanned, only on this error path.
+    """
+    tokenizer = sqlglot.Dialect.get_or_raise("duckdb").tokenizer_class()
+    end = len(text) - 1
+    for end in range(min(len(text), _MAX_SCANNED_CHARS) - 1, -1, -1):
+        try:
+            tokenizer.tokenize(text[:end])
+        except SqlglotError:
+            continue
+        break
+    line = text.count("\n", 0, end) + 1
+    return line, end - (text.rfind("\n", 0, end) + 1) + 1
+
+
+def expression_columns(expr: str) -> list[str]:
+    """The columns an expression reads, in order of first use.
+
+    A nested reference (``payload.user.id``, ``payload['user']``) reads its
+    top-level column (``payload``); lambda parameters are not columns. Names
+    compare case-insensitively, as in DuckDB; each is listed once, spelled as
+    first written.
+
+    Args:
+        expr: one SQL expression (DuckDB dialect).
+
+    Returns:
+        The column names.
+
+    Raises:
+        StepConfigError: the text is not a single allowed scalar expression.
+    """
+    tree = sqlglot.parse_one(check_expression(expr, path="expr"), read="duckdb")
+    lambda_args = {
+        ident.name.lower()
+        for node in tree.find_all(exp.Lambda)
+        for ident in node.expressions
+    }
+    heads = [node.parts[0] for node in tree.find_all(exp.Column)]
+    heads.sort(key=lambda ident: ident.meta.get("start", 0))
+    seen: dict[str, str] = {}
+    for ident in heads:
+        if ident.name.lower() not in lambda_args:
+            seen.setdefault(ident.name.lower(), ident.name)
+    return list(seen.values())

@@ -27,8 +27,9 @@ import pyarrow as pa
 
 from transforms.engine.connection import first_line
 from transforms.engine.exceptions import InputSchemaError, StepConfigError
-from transforms.engine.expressions import INTERNAL_PREFIX
+from transforms.engine.expressions import INTERNAL_PREFIX, expression_columns
 from transforms.engine.fieldtypes import FieldType, field_type_of, strict_cast
+from transforms.engine.masking import mask_sql
 from transforms.engine.sql import (
     Scalar,
     quote_ident,
@@ -40,9 +41,12 @@ from transforms.engine.steps import (
     ERROR_COLUMN,
     SOURCE_REF,
     STEP_COLUMN,
+    AggregateStep,
     FilterStep,
     MapField,
     MapStep,
+    MaskField,
+    MaskStep,
     Rule,
     Step,
     ValidateStep,
@@ -56,6 +60,10 @@ RAISED = "__engine_raised"
 NEW = "__engine_new"
 NEW_RAISED = "__engine_new_raised"
 INTERNAL_COLUMNS = (RID, ERR, STEP, RAISED)
+# Hidden columns: a JSON payload kept for a json_schema rule, checked after
+# the query; an aggregate measure's input value.
+JSON_PREFIX = f"{INTERNAL_PREFIX}_json_"
+MEASURE_PREFIX = f"{INTERNAL_PREFIX}_measure_"
 MAX_VALUE_CHARS = 100
 # Stands for a DuckDB error message until the row is diagnosed.
 RAISED_MARK = "the expression raised an error"
@@ -95,6 +103,10 @@ class Plan:
     final_sql: str = ""
     output_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
     probes: list[Probe] = field(default_factory=list)
+    # json_schema rules and the hidden column holding their payload text.
+    json_checks: list[tuple[Rule, str]] = field(default_factory=list)
+    # Fields a last mask step encrypts, with their output column.
+    encrypted: list[tuple[MaskField, str]] = field(default_factory=list)
 
     def query(self, *, upto: str | None = None, select: str | None = None) -> str:
         """SQL of the whole query, or of the CTEs up to ``upto`` (a CTE name).
@@ -172,6 +184,8 @@ class Constants:
                             f.default, f.type, f.path, "default"
                         )
                 types = {f.name.lower(): f.type for f in step.fields}
+            elif isinstance(step, MaskStep) and types is not None:
+                types |= {f.name.lower(): FieldType("string") for f in step.fields}
             elif isinstance(step, ValidateStep) and types is not None:
                 for rule in step.rules:
                     known = types.get(rule.field.lower())
@@ -199,6 +213,19 @@ class Constants:
         return f"CAST({sql} AS {target.sql})"
 
     def _rule(self, rule: Rule, known: FieldType | None) -> dict[str, Any]:
+        if rule.kind == "length" and known is not None and known.name != "string":
+            raise StepConfigError(
+                rule.path,
+                f"length applies to string fields, not to a {known.label} field",
+            )
+        if rule.kind == "json_schema" and (
+            known is not None and known.name not in ("string", "json")
+        ):
+            raise StepConfigError(
+                rule.path,
+                "json_schema applies to json, string or nested fields, "
+                f"not to a {known.label} field",
+            )
         if rule.kind == "regex":
             pattern = sql_string(rule.pattern or "")
             try:
@@ -293,6 +320,12 @@ class PlanBuilder:
         self.constants = constants
         self.static_schema = static_schema
         self.safe = safe
+        self.hidden: list[str] = []
+
+    @property
+    def carried(self) -> str:
+        """Columns every CTE passes on: the row's bookkeeping and hidden ones."""
+        return ", ".join([_CARRIED, *self.hidden])
 
     def build(self) -> Plan:
         """Build and bind the plan.
@@ -317,6 +350,12 @@ class PlanBuilder:
                 types = {f.name.lower(): f.type for f in step.fields}
             elif isinstance(step, FilterStep):
                 self._add_filter(plan, step)
+            elif isinstance(step, MaskStep):
+                self._add_mask(plan, step)
+                if types is not None:
+                    types |= {f.name.lower(): FieldType("string") for f in step.fields}
+            elif isinstance(step, AggregateStep):
+                self._add_aggregate(plan, step)
             else:
                 self._add_validate(plan, step, types)
 
@@ -324,10 +363,13 @@ class PlanBuilder:
         data = [
             c
             for c in self.column_types(plan, last)
-            if c not in INTERNAL_COLUMNS and c != SOURCE_REF
+            if c not in INTERNAL_COLUMNS and c != SOURCE_REF and c not in self.hidden
         ]
         select = ", ".join(quote_ident(c) for c in [*data, SOURCE_REF])
-        plan.final_sql = f"SELECT {select}, {RID}, {ERR}, {STEP}, {RAISED} FROM {last}"
+        plan.final_sql = (
+            f"SELECT {select}, {RID}, {ERR}, {STEP}, {RAISED}"
+            f"{''.join(', ' + h for h in self.hidden)} FROM {last}"
+        )
         try:
             # Runs on the registered empty batch: an error here is no row's.
             empty = self.con.sql(plan.query()).to_arrow_table()
@@ -405,7 +447,7 @@ class PlanBuilder:
                 select.append(f"({f.sql}) AS {r}")
         selected = ", ".join(select)
         plan.ctes.append(
-            Cte(f"{cte}_raw", f"SELECT {selected}, {_CARRIED} FROM {prev}")
+            Cte(f"{cte}_raw", f"SELECT {selected}, {self.carried} FROM {prev}")
         )
         self._bind(plan, prev, [(f.path, f.sql) for f in step.fields])
         raw_types = self.column_types(plan, f"{cte}_raw")
@@ -447,7 +489,7 @@ class PlanBuilder:
         plan.ctes.append(
             Cte(
                 f"{cte}_checked",
-                f"SELECT {', '.join(outputs)}, {_CARRIED}, "
+                f"SELECT {', '.join(outputs)}, {self.carried}, "
                 f"NULLIF(concat_ws('; ', {', '.join(errors)}), '') AS {NEW}, "
                 f"{_first_raised(flags)} AS {NEW_RAISED} FROM {cte}_value",
             )
@@ -497,36 +539,152 @@ class PlanBuilder:
         messages: list[str] = []
         flags: list[tuple[str, int]] = []
         paths: list[tuple[str, str]] = []
+        hidden: list[tuple[str, str]] = []  # (SQL, name)
         for rule in step.rules:
             column = columns.get(rule.field.lower())
-            if column is None or column.lower().startswith(INTERNAL_PREFIX):
+            if rule.field and (
+                column is None or column.lower().startswith(INTERNAL_PREFIX)
+            ):
                 raise StepConfigError(rule.path, f"unknown field {rule.field!r}")
-            known = (
-                types.get(rule.field.lower())
-                if types
-                else field_type_of(column_types[column])
-            )
-            sql = _rule_error(rule, column, self.constants.rule(rule, known))
-            probe = Probe(step, rule.path, rule.field, sql, prev)
+            if column is None:  # an expr rule that names no field
+                constants: dict[str, Any] = {}
+            else:
+                known = (
+                    types.get(rule.field.lower())
+                    if types
+                    else field_type_of(column_types[column])
+                )
+                constants = self.constants.rule(rule, known)
+            if rule.kind == "json_schema" and column is not None:
+                name = f"{JSON_PREFIX}{step.index}_{len(plan.json_checks)}"
+                hidden.append((_json_text(column, column_types[column]), name))
+                plan.json_checks.append((rule, name))
+                continue
+            if rule.kind == "expr":
+                self._check_predicate(plan, prev, rule)
+                constants = {
+                    "columns": [
+                        columns.get(c.lower(), c)
+                        for c in expression_columns(rule.sql or "TRUE")
+                    ]
+                }
+            sql = _rule_error(rule, column or "", constants)
+            probe = Probe(step, rule.path, rule.label, sql, prev)
             probe_id = self._add_probe(plan, probe)
             paths.append((rule.path, sql))
             if self.safe:
                 messages.append(
-                    f"CASE WHEN {_raises(sql)} THEN {_raised_message(rule.field)} "
+                    f"CASE WHEN {_raises(sql)} THEN {_raised_message(rule.label)} "
                     f"ELSE TRY({sql}) END"
                 )
                 flags.append((_raises(sql), probe_id))
             else:
                 messages.append(sql)
+        new = (
+            f"NULLIF(concat_ws('; ', {', '.join(messages)}), '')"
+            if messages
+            else "CAST(NULL AS VARCHAR)"
+        )
         plan.ctes.append(
             Cte(
                 f"{cte}_checked",
-                f"SELECT *, NULLIF(concat_ws('; ', {', '.join(messages)}), '') "
+                f"SELECT *, {''.join(f'{h} AS {n}, ' for h, n in hidden)}{new} "
                 f"AS {NEW}, {_first_raised(flags)} AS {NEW_RAISED} FROM {prev}",
             )
         )
+        self.hidden.extend(n for _, n in hidden)
         self._bind(plan, prev, paths)
         plan.ctes.append(Cte(cte, f"SELECT {_merge('validate')} FROM {cte}_checked"))
+
+    def _check_predicate(self, plan: Plan, source: str, rule: Rule) -> None:
+        """Refuse an expr rule that is not a boolean predicate.
+
+        Raises:
+            StepConfigError: it does not bind, or is not BOOLEAN.
+        """
+        select = f"SELECT ({rule.sql}) FROM {source}"
+        try:
+            types = self.con.sql(plan.query(upto=source, select=select)).types
+        except duckdb.Error as error:
+            raise StepConfigError(rule.path, first_line(error)) from error
+        if str(types[0]) != "BOOLEAN":
+            raise StepConfigError(
+                rule.path, f"expr must be a true/false predicate, not {types[0]}"
+            )
+
+    def _add_mask(self, plan: Plan, step: MaskStep) -> None:
+        """CTE of a mask step: the masked columns replaced in place."""
+        prev = plan.ctes[-1].name
+        columns = {c.lower(): c for c in self.column_types(plan, prev)}
+        replaced: list[str] = []
+        for f in step.fields:
+            column = columns.get(f.name.lower())
+            if column is None or column.lower().startswith(INTERNAL_PREFIX):
+                raise StepConfigError(f.path, f"unknown field {f.name!r}")
+            if column == SOURCE_REF:
+                raise StepConfigError(f.path, f"name {f.name!r} is reserved")
+            replaced.append(
+                f"{mask_sql(f, quote_ident(column))} AS {quote_ident(column)}"
+            )
+            if f.method == "encrypt":
+                plan.encrypted.append((f, column))
+        plan.ctes.append(
+            Cte(
+                f"{_CTE}k{step.index}",
+                f"SELECT * REPLACE ({', '.join(replaced)}) FROM {prev}",
+            )
+        )
+        self.column_types(plan, plan.ctes[-1].name)
+
+    def _add_aggregate(self, plan: Plan, step: AggregateStep) -> None:
+        """CTEs of an aggregate step's row part: its group keys and the value
+        of each measure's expression, per row (the grouping runs after the
+        query, on the rows that passed)."""
+        prev = plan.ctes[-1].name
+        cte = f"{_CTE}a{step.index}"
+        columns = {c.lower(): c for c in self.column_types(plan, prev)}
+        select: list[str] = []
+        for position, key in enumerate(step.group_by):
+            column = columns.get(key.lower())
+            if column is None or column.lower().startswith(INTERNAL_PREFIX):
+                raise StepConfigError(
+                    f"steps[{step.index}].group_by[{position}] ({key})",
+                    f"unknown column {key!r}",
+                )
+            select.append(f"{quote_ident(column)} AS {quote_ident(key)}")
+        messages: list[str] = []
+        flags: list[tuple[str, int]] = []
+        probes: list[tuple[str, str]] = []
+        for n, measure in enumerate(step.measures):
+            if measure.sql is None:
+                continue
+            probe = Probe(step, measure.path, measure.name, measure.sql, prev)
+            probe_id = self._add_probe(plan, probe)
+            probes.append((measure.path, measure.sql))
+            if self.safe:
+                raises = _raises(measure.sql)
+                select.append(f"TRY({measure.sql}) AS {MEASURE_PREFIX}{n}")
+                messages.append(
+                    f"CASE WHEN {raises} THEN {_raised_message(measure.name)} END"
+                )
+                flags.append((raises, probe_id))
+            else:
+                select.append(f"({measure.sql}) AS {MEASURE_PREFIX}{n}")
+        selected = "".join(s + ", " for s in select)
+        if not self.safe or not messages:
+            plan.ctes.append(Cte(cte, f"SELECT {selected}{self.carried} FROM {prev}"))
+            self._bind(plan, prev, probes)
+            return
+        plan.ctes.append(
+            Cte(
+                f"{cte}_checked",
+                f"SELECT {selected}{self.carried}, "
+                f"NULLIF(concat_ws('; ', {', '.join(messages)}), '') AS {NEW}, "
+                f"{_first_raised(flags)} AS {NEW_RAISED} FROM {prev}",
+            )
+        )
+        self._bind(plan, prev, probes)
+        plan.ctes.append(Cte(cte, f"SELECT {_merge('aggregate')} FROM {cte}_checked"))
 
 
 def _field_error(
@@ -565,6 +723,31 @@ def _rule_error(rule: Rule, column: str, constants: Mapping[str, Any]) -> str:
     quote = chr(39)
     if rule.kind == "not_null":
         return f"CASE WHEN {f} IS NULL THEN {sql_string(f'{name}: is null')} END"
+    if rule.kind == "length":
+        branches = []
+        for bound, op, word in (
+            (rule.minimum, "<", "shorter"),
+            (rule.maximum, ">", "longer"),
+        ):
+            if bound is not None:
+                suffix = sql_string(f"{quote} is {word} than {bound} characters")
+                branches.append(
+                    f"WHEN length({f}) {op} {bound} "
+                    f"THEN {sql_string(f'{name}: {quote}')} || {shown} || {suffix}"
+                )
+        return f"CASE {' '.join(branches)} END"
+    if rule.kind == "expr":
+        text = rule.message or f"{rule.sql} is false"
+        values = " || ', ' || ".join(
+            f"{sql_string(c + '=')} || coalesce({message_value(quote_ident(c))}, "
+            "'NULL')"
+            for c in constants["columns"]
+        )
+        message = sql_string(f"{name}: {text}" if rule.field else text)
+        if values:
+            message = f"{message} || ' (' || {values} || ')'"
+        # CHECK semantics: only FALSE fails; NULL (unknown) passes.
+        return f"CASE WHEN NOT coalesce(({rule.sql}), TRUE) THEN {message} END"
     if rule.kind == "range":
         branches = []
         for key, bound, op, word in (
@@ -594,3 +777,10 @@ def _rule_error(rule: Rule, column: str, constants: Mapping[str, Any]) -> str:
         f"{sql_string(f'{quote} is not one of {listed}')}"
     )
     return f"CASE WHEN {f} NOT IN ({', '.join(constants['values'])}) THEN {message} END"
+
+
+def _json_text(column: str, duckdb_type: str) -> str:
+    """SQL of a column's JSON text: strings as they are, nested values as JSON."""
+    if duckdb_type.upper() in ("VARCHAR", "JSON"):
+        return f"CAST({quote_ident(column)} AS VARCHAR)"
+    return f"CAST(to_json({quote_ident(column)}) AS VARCHAR)"

@@ -26,7 +26,12 @@ SOURCE_REF = "_source_ref"
 ERROR_COLUMN = "_error"
 STEP_COLUMN = "_step"
 RESERVED_NAMES = frozenset({SOURCE_REF, ERROR_COLUMN, STEP_COLUMN})
-RULE_KINDS = ("not_null", "range", "regex", "enum")
+RULE_KINDS = ("not_null", "range", "regex", "enum", "length", "expr", "json_schema")
+MASK_METHODS = ("redact", "sha256", "encrypt")
+MEASURE_FNS = ("count", "sum", "min", "max", "avg", "count_distinct")
+# The secret each masking method reads unless the field names another one.
+DEFAULT_SECRETS = {"sha256": "mask_salt", "encrypt": "fernet_key"}
+REDACTED = "***"
 
 _FIELD_KEYS = frozenset(
     {"name", "expr", "type", "required", "default", "precision", "scale", "description"}
@@ -36,11 +41,22 @@ _RULE_KEYS: dict[str, frozenset[str]] = {
     "range": frozenset({"field", "rule", "min", "max", "description"}),
     "regex": frozenset({"field", "rule", "pattern", "description"}),
     "enum": frozenset({"field", "rule", "values", "description"}),
+    "length": frozenset({"field", "rule", "min", "max", "description"}),
+    "expr": frozenset({"field", "rule", "expr", "message", "description"}),
+    "json_schema": frozenset({"field", "rule", "schema", "description"}),
 }
+_MASK_KEYS: dict[str, frozenset[str]] = {
+    "redact": frozenset({"name", "method", "keep_last", "description"}),
+    "sha256": frozenset({"name", "method", "secret", "description"}),
+    "encrypt": frozenset({"name", "method", "secret", "description"}),
+}
+_MEASURE_KEYS = frozenset({"name", "fn", "expr", "description"})
 _STEP_KEYS: dict[str, frozenset[str]] = {
     "map": frozenset({"type", "fields", "description"}),
     "filter": frozenset({"type", "where", "description"}),
     "validate": frozenset({"type", "rules", "description"}),
+    "mask": frozenset({"type", "fields", "description"}),
+    "aggregate": frozenset({"type", "group_by", "measures", "description"}),
 }
 
 
@@ -76,7 +92,10 @@ class FilterStep:
 
 @dataclass(frozen=True)
 class Rule:
-    """One validation rule on one field; a failing row gets an error message."""
+    """One validation rule on one field; a failing row gets an error message.
+
+    ``field`` is empty only for an ``expr`` rule that names no field.
+    """
 
     field: str
     kind: str
@@ -85,6 +104,14 @@ class Rule:
     maximum: Scalar | None = None
     pattern: str | None = None
     values: tuple[Scalar, ...] = ()
+    sql: str | None = None
+    message: str | None = None
+    schema: Mapping[str, Any] | bool | None = None
+
+    @property
+    def label(self) -> str:
+        """What the rule's messages start with: the field, else ``expr``."""
+        return self.field or "expr"
 
 
 @dataclass(frozen=True)
@@ -96,7 +123,52 @@ class ValidateStep:
     kind: str = "validate"
 
 
-Step = MapStep | FilterStep | ValidateStep
+@dataclass(frozen=True)
+class MaskField:
+    """One column to mask: redact, salted SHA-256 or Fernet-encrypt it."""
+
+    name: str
+    method: str
+    path: str
+    keep_last: int = 0
+    secret: str = ""
+
+
+@dataclass(frozen=True)
+class MaskStep:
+    """Replaces chosen columns with masked strings; the others pass unchanged."""
+
+    index: int
+    fields: tuple[MaskField, ...]
+    kind: str = "mask"
+
+    @property
+    def encrypted(self) -> tuple[MaskField, ...]:
+        """The fields Fernet-encrypts after the query."""
+        return tuple(f for f in self.fields if f.method == "encrypt")
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One aggregate column: ``fn`` over the expression ``sql`` (None: rows)."""
+
+    name: str
+    fn: str
+    path: str
+    sql: str | None = None
+
+
+@dataclass(frozen=True)
+class AggregateStep:
+    """Groups rows by ``group_by`` and computes ``measures`` (the last step)."""
+
+    index: int
+    group_by: tuple[str, ...]
+    measures: tuple[Measure, ...]
+    kind: str = "aggregate"
+
+
+Step = MapStep | FilterStep | ValidateStep | MaskStep | AggregateStep
 
 
 def _check_keys(raw: Mapping[str, Any], allowed: frozenset[str], path: str) -> None:
@@ -139,9 +211,16 @@ def parse_steps(
         kind = raw.get("type")
         if kind not in _STEP_KEYS:
             raise StepConfigError(
-                f"{path}.type", f"unknown step type {kind!r}; use map, filter, validate"
+                f"{path}.type",
+                f"unknown step type {kind!r}; use {', '.join(_STEP_KEYS)}",
             )
         _check_keys(raw, _STEP_KEYS[kind], path)
+        if parsed and isinstance(parsed[-1], AggregateStep):
+            raise StepConfigError(path, "aggregate must be the last step")
+        if parsed and isinstance(parsed[-1], MaskStep) and parsed[-1].encrypted:
+            raise StepConfigError(
+                path, "a mask step that encrypts must be the last step"
+            )
         step: Step
         if kind == "map":
             step = _parse_map(index, raw, columns)
@@ -151,6 +230,10 @@ def parse_steps(
                 raw.get("where"), path=f"{path}.where", columns=columns
             )
             step = FilterStep(index=index, where=where)
+        elif kind == "mask":
+            step = _parse_mask(index, raw, columns)
+        elif kind == "aggregate":
+            step = _parse_aggregate(index, raw, columns)
         else:
             step = _parse_validate(index, raw, columns)
         parsed.append(step)
@@ -250,22 +333,58 @@ def _parse_validate(
         if not isinstance(spec, Mapping):
             raise StepConfigError(rule_path, "must be an object")
         field_name = spec.get("field")
-        if not isinstance(field_name, str) or not field_name:
-            raise StepConfigError(rule_path, "field must be a non-empty string")
-        rule_path = f"{rule_path} ({field_name})"
-        if known is not None and field_name.lower() not in known:
-            raise StepConfigError(rule_path, f"unknown field {field_name!r}")
+        # A cross-field expr rule may leave the field out.
+        if not (spec.get("rule") == "expr" and field_name is None):
+            if not isinstance(field_name, str) or not field_name:
+                raise StepConfigError(rule_path, "field must be a non-empty string")
+            rule_path = f"{rule_path} ({field_name})"
+            if known is not None and field_name.lower() not in known:
+                raise StepConfigError(rule_path, f"unknown field {field_name!r}")
         kind = spec.get("rule")
         if kind not in _RULE_KEYS:
             raise StepConfigError(
                 rule_path, f"unknown rule {kind!r}; use {', '.join(RULE_KINDS)}"
             )
         _check_keys(spec, _RULE_KEYS[kind], rule_path)
-        out.append(_parse_rule(rule_path, field_name, kind, spec))
+        out.append(_parse_rule(rule_path, field_name or "", kind, spec, columns))
     return ValidateStep(index=index, rules=tuple(out))
 
 
-def _parse_rule(path: str, field_name: str, kind: str, spec: Mapping[str, Any]) -> Rule:
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_rule(
+    path: str,
+    field_name: str,
+    kind: str,
+    spec: Mapping[str, Any],
+    columns: Sequence[str] | None,
+) -> Rule:
+    if kind == "length":
+        minimum, maximum = spec.get("min"), spec.get("max")
+        if minimum is None and maximum is None:
+            raise StepConfigError(path, "length needs min, max or both")
+        for key, bound in (("min", minimum), ("max", maximum)):
+            if bound is not None and not _is_count(bound):
+                raise StepConfigError(path, f"{key} must be an integer >= 0")
+        if minimum is not None and maximum is not None and minimum > maximum:
+            raise StepConfigError(path, "min must not be above max")
+        return Rule(
+            field=field_name, kind=kind, path=path, minimum=minimum, maximum=maximum
+        )
+    if kind == "expr":
+        sql = check_expression(spec.get("expr"), path=path, columns=columns)
+        message = spec.get("message")
+        if message is not None and (not isinstance(message, str) or not message):
+            raise StepConfigError(path, "message must be a non-empty string")
+        return Rule(field=field_name, kind=kind, path=path, sql=sql, message=message)
+    if kind == "json_schema":
+        schema = spec.get("schema")
+        if not isinstance(schema, (Mapping, bool)):
+            raise StepConfigError(path, "schema must be a JSON Schema object")
+        # The compiler checks the schema itself (Draft 2020-12).
+        return Rule(field=field_name, kind=kind, path=path, schema=schema)
     if kind == "not_null":
         return Rule(field=field_name, kind=kind, path=path)
     if kind == "range":
@@ -296,3 +415,120 @@ def _parse_rule(path: str, field_name: str, kind: str, spec: Mapping[str, Any]) 
             path, "values must be a non-empty list of strings, numbers or booleans"
         )
     return Rule(field=field_name, kind=kind, path=path, values=tuple(values))
+
+
+def _parse_mask(
+    index: int, raw: Mapping[str, Any], columns: Sequence[str] | None
+) -> MaskStep:
+    path = f"steps[{index}]"
+    fields = raw.get("fields")
+    if not isinstance(fields, list) or not fields:
+        raise StepConfigError(f"{path}.fields", "must be a non-empty list")
+    known = {c.lower() for c in columns} if columns is not None else None
+    seen: set[str] = set()
+    out: list[MaskField] = []
+    for position, spec in enumerate(fields):
+        field_path = f"{path}.fields[{position}]"
+        if not isinstance(spec, Mapping):
+            raise StepConfigError(field_path, "must be an object")
+        name = spec.get("name")
+        if not isinstance(name, str) or not name:
+            raise StepConfigError(field_path, "name must be a non-empty string")
+        field_path = f"{field_path} ({name})"
+        if name in RESERVED_NAMES or name.lower().startswith(INTERNAL_PREFIX):
+            raise StepConfigError(field_path, f"name {name!r} is reserved")
+        if known is not None and name.lower() not in known:
+            raise StepConfigError(field_path, f"unknown field {name!r}")
+        if name.lower() in seen:
+            raise StepConfigError(field_path, f"{name!r} is masked twice")
+        seen.add(name.lower())
+        method = spec.get("method")
+        if method not in _MASK_KEYS:
+            raise StepConfigError(
+                field_path,
+                f"unknown method {method!r}; use {', '.join(MASK_METHODS)}",
+            )
+        _check_keys(spec, _MASK_KEYS[method], field_path)
+        keep_last = spec.get("keep_last", 0)
+        if not _is_count(keep_last):
+            raise StepConfigError(field_path, "keep_last must be an integer >= 0")
+        secret = spec.get("secret", DEFAULT_SECRETS.get(method, ""))
+        if not isinstance(secret, str) or (method != "redact" and not secret):
+            raise StepConfigError(field_path, "secret must be a secret's name")
+        out.append(
+            MaskField(
+                name=name,
+                method=method,
+                path=field_path,
+                keep_last=keep_last,
+                secret=secret,
+            )
+        )
+    return MaskStep(index=index, fields=tuple(out))
+
+
+def partial_columns(name: str, fn: str) -> tuple[str, ...]:
+    """The partial-aggregate columns of one measure.
+
+    ``avg`` keeps a sum and a count, ``count_distinct`` the list of distinct
+    values; the other functions keep one column named like the measure.
+    """
+    if fn == "avg":
+        return (f"{name}__sum", f"{name}__count")
+    if fn == "count_distinct":
+        return (f"{name}__distinct",)
+    return (name,)
+
+
+def _parse_aggregate(
+    index: int, raw: Mapping[str, Any], columns: Sequence[str] | None
+) -> AggregateStep:
+    path = f"steps[{index}]"
+    group_by = raw.get("group_by", [])
+    if not isinstance(group_by, list) or not all(
+        isinstance(g, str) and g for g in group_by
+    ):
+        raise StepConfigError(f"{path}.group_by", "must be a list of column names")
+    known = {c.lower() for c in columns} if columns is not None else None
+    names: set[str] = set()
+    for position, key in enumerate(group_by):
+        key_path = f"{path}.group_by[{position}] ({key})"
+        if key.lower().startswith(INTERNAL_PREFIX) or key == SOURCE_REF:
+            raise StepConfigError(key_path, f"column {key!r} is reserved")
+        if known is not None and key.lower() not in known:
+            raise StepConfigError(key_path, f"unknown column {key!r}")
+        if key.lower() in names:
+            raise StepConfigError(key_path, f"duplicate column {key!r}")
+        names.add(key.lower())
+    measures = raw.get("measures")
+    if not isinstance(measures, list) or not measures:
+        raise StepConfigError(f"{path}.measures", "must be a non-empty list")
+    out: list[Measure] = []
+    for position, spec in enumerate(measures):
+        measure_path = f"{path}.measures[{position}]"
+        if not isinstance(spec, Mapping):
+            raise StepConfigError(measure_path, "must be an object")
+        name = spec.get("name")
+        if not isinstance(name, str) or not name:
+            raise StepConfigError(measure_path, "name must be a non-empty string")
+        measure_path = f"{measure_path} ({name})"
+        _check_keys(spec, _MEASURE_KEYS, measure_path)
+        if name in RESERVED_NAMES or name.lower().startswith(INTERNAL_PREFIX):
+            raise StepConfigError(measure_path, f"name {name!r} is reserved")
+        fn = spec.get("fn")
+        if fn not in MEASURE_FNS:
+            raise StepConfigError(
+                measure_path, f"unknown fn {fn!r}; use {', '.join(MEASURE_FNS)}"
+            )
+        for column in partial_columns(name, fn):
+            if column.lower() in names:
+                raise StepConfigError(measure_path, f"duplicate name {column!r}")
+            names.add(column.lower())
+        expr = spec.get("expr")
+        sql = None
+        if expr is not None or fn != "count":
+            if expr is None:
+                raise StepConfigError(measure_path, f"{fn} needs an expr")
+            sql = check_expression(expr, path=measure_path, columns=columns)
+        out.append(Measure(name=name, fn=fn, path=measure_path, sql=sql))
+    return AggregateStep(index=index, group_by=tuple(group_by), measures=tuple(out))

@@ -82,7 +82,8 @@ def flight_map(*extra: dict[str, Any]) -> dict[str, Any]:
         ),
         pytest.param(
             [{"type": "mapp", "fields": []}],
-            "steps[0].type: unknown step type 'mapp'; use map, filter, validate",
+            "steps[0].type: unknown step type 'mapp'; "
+            "use map, filter, validate, mask, aggregate",
             id="unknown-step",
         ),
         pytest.param(
@@ -112,7 +113,7 @@ def flight_map(*extra: dict[str, Any]) -> dict[str, Any]:
                 {"type": "validate", "rules": [{"field": "flight", "rule": "max"}]},
             ],
             "steps[1].rules[0] (flight): unknown rule 'max'; "
-            "use not_null, range, regex, enum",
+            "use not_null, range, regex, enum, length, expr, json_schema",
             id="unknown-rule",
         ),
         pytest.param(
