@@ -6,6 +6,7 @@ from rest_framework.routers import DefaultRouter
 
 from connectors.api.views import ConnectorViewSet, CredentialViewSet
 from integration.api.views import DeadLetterViewSet, PipelineViewSet, RunViewSet
+from integration.api.workflows import WorkflowRunViewSet, WorkflowViewSet
 
 router = DefaultRouter()
 router.register("credentials", CredentialViewSet)
@@ -13,5 +14,7 @@ router.register("connectors", ConnectorViewSet)
 router.register("pipelines", PipelineViewSet)
 router.register("runs", RunViewSet)
 router.register("dead-letters", DeadLetterViewSet)
+router.register("workflows", WorkflowViewSet)
+router.register("workflow-runs", WorkflowRunViewSet)
 
 urlpatterns = router.urls

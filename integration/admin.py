@@ -11,10 +11,20 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from config import correlation
-from integration import services
+from integration import services, workflows
 from integration.choices import RunTrigger
 from integration.exceptions import PipelinePausedError, ResumeRefusedError
-from integration.models import ChunkRun, DeadLetter, Pipeline, PipelineVersion, Run
+from integration.models import (
+    ChunkRun,
+    DeadLetter,
+    NodeRun,
+    Pipeline,
+    PipelineVersion,
+    Run,
+    Workflow,
+    WorkflowNode,
+    WorkflowRun,
+)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -246,3 +256,91 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     @admin.display(description="error")
     def error_short(self, obj: DeadLetter) -> str:
         return obj.error[:80]
+
+
+class WorkflowNodeFormSet(forms.BaseInlineFormSet):
+    """Refuses a graph with unknown dependencies or a cycle."""
+
+    def clean(self) -> None:
+        super().clean()
+        nodes = [
+            {
+                "key": form.cleaned_data["key"],
+                "kind": form.cleaned_data["kind"],
+                "pipeline": form.cleaned_data.get("pipeline"),
+                "config": form.cleaned_data.get("config") or {},
+                "depends_on": form.cleaned_data.get("depends_on") or [],
+            }
+            for form in self.forms
+            if form.cleaned_data and not form.cleaned_data.get("DELETE")
+        ]
+        try:
+            workflows.validate_nodes(nodes)
+        except ValidationError as exc:
+            raise forms.ValidationError(exc.message_dict["nodes"]) from None
+
+
+class WorkflowNodeInline(admin.TabularInline):
+    model = WorkflowNode
+    formset = WorkflowNodeFormSet
+    extra = 1
+    fields = [
+        "key",
+        "kind",
+        "pipeline",
+        "config",
+        "depends_on",
+        "max_attempts",
+        "retry_delay_seconds",
+    ]
+
+
+@admin.register(Workflow)
+class WorkflowAdmin(admin.ModelAdmin):
+    list_display = ["name", "failure_policy", "node_count", "is_paused", "updated_at"]
+    list_filter = ["failure_policy", "is_paused"]
+    search_fields = ["name", "description", "nodes__key"]
+    inlines = [WorkflowNodeInline]
+    actions = ["run_now"]
+
+    @admin.display(description="nodes")
+    def node_count(self, obj: Workflow) -> int:
+        return obj.nodes.count()
+
+    @admin.action(description="Run now")
+    def run_now(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> None:
+        for workflow in queryset:
+            try:
+                wrun = workflows.start_workflow(workflow.pk, trigger=RunTrigger.MANUAL)
+            except PipelinePausedError as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+            else:
+                self.message_user(request, f"{workflow.name}: run {wrun.pk} started")
+
+
+class NodeRunInline(admin.TabularInline):
+    model = NodeRun
+    extra = 0
+    can_delete = False
+    fields = ["node", "state", "attempts", "run", "error", "started_at", "finished_at"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(WorkflowRun)
+class WorkflowRunAdmin(ReadOnlyAdmin):
+    list_display = ["id", "workflow", "state", "trigger", "created_at", "finished_at"]
+    list_filter = ["state", "trigger", "workflow"]
+    search_fields = ["=id", "workflow__name", "correlation_id"]
+    inlines = [NodeRunInline]
+    actions = ["cancel"]
+
+    @admin.action(description="Cancel")
+    def cancel(self, request: HttpRequest, queryset: QuerySet[WorkflowRun]) -> None:
+        for wrun in queryset:
+            done = workflows.cancel_workflow(wrun.pk)
+            self.message_user(
+                request, f"workflow run {wrun.pk}: {'cancelled' if done else 'ended'}"
+            )

@@ -72,3 +72,39 @@ class DeadLetterState(models.TextChoices):
     OPEN = "open", "Open"
     REPLAYED = "replayed", "Replayed"
     DISCARDED = "discarded", "Discarded"
+
+
+class FailurePolicy(models.TextChoices):
+    STOP_ALL = "stop_all", "Stop all (cancel what runs, start nothing more)"
+    CONTINUE = "continue", "Let independent branches finish"
+
+
+class NodeKind(models.TextChoices):
+    PIPELINE = "pipeline", "Pipeline run"
+    HTTP = "http", "HTTP call"
+    SQL = "sql", "SQL statement"
+    WAIT_EVENT = "wait_event", "Wait for an event"
+
+
+class NodeState(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    SKIPPED = "skipped", "Skipped (an upstream node failed)"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+NODE_FINISHED = (
+    NodeState.SUCCEEDED,
+    NodeState.FAILED,
+    NodeState.SKIPPED,
+    NodeState.CANCELLED,
+)
+
+
+class WorkflowRunState(models.TextChoices):
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"

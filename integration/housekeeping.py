@@ -17,8 +17,13 @@ from django.db.models import DurationField, ExpressionWrapper, F, Q
 from django.utils import timezone
 
 from integration import orchestration, services, staging
-from integration.choices import CHUNK_IN_FLIGHT, TERMINAL_STATES, RunState
-from integration.models import ChunkRun, DeadLetter, Run
+from integration.choices import (
+    CHUNK_IN_FLIGHT,
+    TERMINAL_STATES,
+    RunState,
+    WorkflowRunState,
+)
+from integration.models import ChunkRun, DeadLetter, Run, WorkflowRun
 
 logger = structlog.get_logger(__name__)
 
@@ -31,6 +36,7 @@ class ReconcileReport:
     plans_resent: list[int] = field(default_factory=list)
     finalizes_resent: list[int] = field(default_factory=list)
     runs_timed_out: list[int] = field(default_factory=list)
+    workflows_advanced: list[int] = field(default_factory=list)
 
 
 def reconcile(*, stale_seconds: int | None = None) -> ReconcileReport:
@@ -65,7 +71,16 @@ def reconcile(*, stale_seconds: int | None = None) -> ReconcileReport:
     ):
         orchestration.send_finalize(run.pk, run.correlation_id)
         report.finalizes_resent.append(run.pk)
-    if any(vars(report).values()):
+    # Workflow runs move on when their nodes change; a pass here covers any
+    # advance message that was lost (advance is idempotent).
+    from integration import workflows
+
+    for wrun_id in WorkflowRun.objects.filter(
+        state=WorkflowRunState.RUNNING
+    ).values_list("pk", flat=True):
+        workflows.send_advance(wrun_id)
+        report.workflows_advanced.append(wrun_id)
+    if any(v for k, v in vars(report).items() if k != "workflows_advanced"):
         logger.warning("reconciled", **vars(report))
     return report
 

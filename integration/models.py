@@ -18,11 +18,15 @@ from integration.choices import (
     TERMINAL_STATES,
     ChunkState,
     DeadLetterState,
+    FailurePolicy,
+    NodeKind,
+    NodeState,
     OverlapPolicy,
     PipelineMode,
     RunKind,
     RunState,
     RunTrigger,
+    WorkflowRunState,
     WriteMode,
 )
 from integration.querysets import ChunkRunQuerySet, RunQuerySet
@@ -353,3 +357,123 @@ class DeadLetter(models.Model):
 
     def __str__(self) -> str:
         return f"dead letter {self.pk} ({self.step}: {self.error[:40]})"
+
+
+class Workflow(models.Model):
+    """A DAG of nodes (pipeline runs and built-in actions) run together.
+
+    Its state lives in the database (WorkflowRun, NodeRun), so a restarted worker
+    or beat carries a workflow on where it was.
+    """
+
+    name = models.SlugField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    failure_policy = models.CharField(
+        max_length=10, choices=FailurePolicy.choices, default=FailurePolicy.STOP_ALL
+    )
+    is_paused = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class WorkflowNode(models.Model):
+    """One node of a workflow: what it does, what it waits for, how it retries."""
+
+    workflow = models.ForeignKey(
+        Workflow, on_delete=models.CASCADE, related_name="nodes"
+    )
+    key = models.SlugField(max_length=100)
+    kind = models.CharField(max_length=12, choices=NodeKind.choices)
+    pipeline = models.ForeignKey(
+        Pipeline,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="workflow_nodes",
+    )
+    config = models.JSONField(default=dict, blank=True)
+    depends_on = models.JSONField(
+        default=list, blank=True, help_text="Keys of the nodes this one waits for."
+    )
+    max_attempts = models.PositiveIntegerField(
+        default=1, validators=[MinValueValidator(1), MaxValueValidator(20)]
+    )
+    retry_delay_seconds = models.PositiveIntegerField(default=30)
+
+    class Meta:
+        ordering = ["workflow", "key"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["workflow", "key"], name="workflownode_unique_key"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.workflow.name}.{self.key}"
+
+
+class WorkflowRun(models.Model):
+    """One execution of a workflow."""
+
+    workflow = models.ForeignKey(
+        Workflow, on_delete=models.PROTECT, related_name="runs"
+    )
+    state = models.CharField(
+        max_length=10,
+        choices=WorkflowRunState.choices,
+        default=WorkflowRunState.RUNNING,
+        db_index=True,
+    )
+    trigger = models.CharField(
+        max_length=10, choices=RunTrigger.choices, default=RunTrigger.API
+    )
+    correlation_id = models.CharField(max_length=128, db_index=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"workflow run {self.pk} of {self.workflow_id} ({self.state})"
+
+
+class NodeRun(models.Model):
+    """The state of one node in one workflow run."""
+
+    workflow_run = models.ForeignKey(
+        WorkflowRun, on_delete=models.CASCADE, related_name="nodes"
+    )
+    node = models.ForeignKey(WorkflowNode, on_delete=models.PROTECT, related_name="+")
+    state = models.CharField(
+        max_length=10, choices=NodeState.choices, default=NodeState.PENDING
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    run = models.ForeignKey(
+        Run, on_delete=models.SET_NULL, null=True, blank=True, related_name="node_runs"
+    )
+    result = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    not_before = models.DateTimeField(
+        null=True, blank=True, help_text="A retry waits until then."
+    )
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["workflow_run", "node__key"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["workflow_run", "node"], name="noderun_unique_node"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.node} in workflow run {self.workflow_run_id} ({self.state})"

@@ -41,3 +41,8 @@ def send_plan(run_id: int, correlation_id: str) -> None:
 def send_finalize(run_id: int, correlation_id: str) -> None:
     sig = signature("integration.finalize_run", args=(run_id,), immutable=True)
     transaction.on_commit(lambda: sig.apply_async(headers=_headers(correlation_id)))
+
+
+def send_notification(run_id: int, correlation_id: str) -> None:
+    sig = signature("integration.notify_run", args=(run_id,), immutable=True)
+    transaction.on_commit(lambda: sig.apply_async(headers=_headers(correlation_id)))

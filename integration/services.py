@@ -213,7 +213,7 @@ def plan_run(run_id: int) -> None:
     compiled = runtime.compiled_version(run.version_id)
     sink = runtime.open_sink(spec["sink"]["connector"])
     try:
-        sink.prepare(spec["sink"]["options"], compiled.output_schema)
+        sink.prepare(spec["sink"]["options"], compiled.output_schema, run_id=run_id)
     finally:
         sink.close()
     with transaction.atomic():
@@ -763,6 +763,7 @@ def stop_run(run_id: int, state: str, reason: str) -> bool:
         )
         run = Run.objects.get(pk=run_id)
         promote_next(run.pipeline_id)
+        run_ended(run)
     logger.warning("run_stopped", run_id=run_id, state=state, reason=reason)
     return True
 
@@ -776,6 +777,7 @@ def cancel_run(run_id: int, reason: str = "cancelled by an operator") -> bool:
         if Run.objects.filter(pk=run_id, state=RunState.QUEUED).update(
             state=RunState.CANCELLED, error=reason, finished_at=timezone.now()
         ):
+            run_ended(Run.objects.get(pk=run_id))
             logger.info("run_cancelled", run_id=run_id, reason=reason)
             return True
     return stop_run(run_id, RunState.CANCELLED, reason)
@@ -850,6 +852,7 @@ def fail_run(run_id: int, reason: str) -> bool:
         if Run.objects.filter(pk=run_id, state=RunState.QUEUED).update(
             state=RunState.FAILED, error=reason, finished_at=timezone.now()
         ):
+            run_ended(Run.objects.get(pk=run_id))
             logger.warning("run_failed", run_id=run_id, reason=reason)
             return True
     return stop_run(run_id, RunState.FAILED, reason)
@@ -898,6 +901,8 @@ def finalize_run(run_id: int) -> None:
         )
         if updated:
             promote_next(run.pipeline_id)
+            run.refresh_from_db()
+            run_ended(run)
     if updated:
         run.refresh_from_db()
         logger.info(
@@ -910,6 +915,20 @@ def finalize_run(run_id: int) -> None:
             filtered=run.records_filtered,
             seconds=run.duration_seconds,
         )
+
+
+def run_ended(run: Run) -> None:
+    """A run reached its terminal state: tell the workflows waiting on it, and the
+    pipeline's webhook when it failed or has errors (both after commit)."""
+    from integration import workflows
+
+    if run.trigger == RunTrigger.WORKFLOW:
+        workflows.on_run_ended(run)
+    if run.pipeline.notify_url and run.state in (
+        RunState.FAILED,
+        RunState.SUCCEEDED_WITH_ERRORS,
+    ):
+        orchestration.send_notification(run.pk, run.correlation_id)
 
 
 def promote_next(pipeline_id: int) -> None:

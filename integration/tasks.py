@@ -244,3 +244,27 @@ def scheduled_run(pipeline_id: int) -> int | None:
     except PipelinePausedError:
         return None
     return run.pk if run else None
+
+
+@shared_task(name="integration.advance_workflow", acks_late=True, **_RETRY, **_LIMITS)
+def advance_workflow(workflow_run_id: int) -> None:
+    """Move a workflow run on (idempotent; sent on every node change)."""
+    from integration import workflows
+
+    workflows.advance(workflow_run_id)
+
+
+@shared_task(name="integration.workflow_action", acks_late=True, **_LIMITS)
+def workflow_action(node_run_id: int) -> None:
+    """Execute an action node of a workflow."""
+    from integration import workflows
+
+    workflows.run_action(node_run_id)
+
+
+@shared_task(name="integration.notify_run", acks_late=True, **_RETRY, **_LIMITS)
+def notify_run(run_id: int) -> None:
+    """POST the run's outcome to its pipeline's webhook (through the SSRF guard)."""
+    from integration import notifications
+
+    notifications.notify(run_id)

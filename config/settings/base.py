@@ -111,9 +111,6 @@ AUTH_PASSWORD_VALIDATORS = [
     )
 ]
 
-# Django 6 behaviour now: a URL typed without a scheme is https.
-FORMS_URLFIELD_ASSUME_HTTPS = True
-
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
@@ -166,6 +163,10 @@ SPECTACULAR_SETTINGS = {
         "RunStateEnum": "integration.choices.RunState",
         "ChunkStateEnum": "integration.choices.ChunkState",
         "DeadLetterStateEnum": "integration.choices.DeadLetterState",
+        "RunKindEnum": "integration.choices.RunKind",
+        "NodeKindEnum": "integration.choices.NodeKind",
+        "NodeStateEnum": "integration.choices.NodeState",
+        "WorkflowRunStateEnum": "integration.choices.WorkflowRunState",
     },
 }
 

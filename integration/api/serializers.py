@@ -74,10 +74,6 @@ class PipelineSerializer(serializers.ModelSerializer):
             raise serializers.ValidationError(
                 {"write_mode": f"must be one of {', '.join(WriteMode.values)}"}
             )
-        if mode != WriteMode.APPEND:
-            raise serializers.ValidationError(
-                {"write_mode": f"{mode} is not supported yet; use append"}
-            )
         return value
 
     def validate_steps(self, value: Any) -> list[Any]:
