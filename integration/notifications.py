@@ -62,19 +62,21 @@ def notify(run_id: int) -> int | None:
     )
     host_header = parts.netloc.rpartition("@")[2]
     try:
-        response = httpx.post(
-            pinned,
-            content=orjson.dumps(payload(run)),
-            headers={
-                "Host": host_header,
-                "Content-Type": "application/json",
-                correlation.HEADER: run.correlation_id,
-                "User-Agent": "data-integration-service",
-            },
-            extensions={"sni_hostname": resolved.host},
-            timeout=TIMEOUT_SECONDS,
-            follow_redirects=False,
-        )
+        # trust_env off: an environment proxy must not get around the guard.
+        with httpx.Client(
+            trust_env=False, timeout=TIMEOUT_SECONDS, follow_redirects=False
+        ) as client:
+            response = client.post(
+                pinned,
+                content=orjson.dumps(payload(run)),
+                headers={
+                    "Host": host_header,
+                    "Content-Type": "application/json",
+                    correlation.HEADER: run.correlation_id,
+                    "User-Agent": "data-integration-service",
+                },
+                extensions={"sni_hostname": resolved.host},
+            )
     except httpx.HTTPError as exc:
         raise TransientError(f"webhook unreachable: {type(exc).__name__}") from None
     if response.status_code >= 500:

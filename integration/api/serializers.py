@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from connectors.exceptions import ConfigError
 from connectors.models import Connector
+from connectors.ssrf import check_url
 from integration import services
 from integration.choices import WriteMode
 from integration.models import DeadLetter, Pipeline, PipelineVersion, Run
@@ -74,6 +76,14 @@ class PipelineSerializer(serializers.ModelSerializer):
             raise serializers.ValidationError(
                 {"write_mode": f"must be one of {', '.join(WriteMode.values)}"}
             )
+        return value
+
+    def validate_notify_url(self, value: str) -> str:
+        if value:
+            try:
+                check_url(value, tuple(settings.DIS_ALLOWED_NETWORKS))
+            except ConfigError as exc:
+                raise serializers.ValidationError(str(exc)) from None
         return value
 
     def validate_steps(self, value: Any) -> list[Any]:
