@@ -81,7 +81,14 @@ class ConnectorForm(forms.ModelForm):
 @admin.register(Connector)
 class ConnectorAdmin(admin.ModelAdmin):
     form = ConnectorForm
-    list_display = ["name", "kind", "credential", "last_check_status", "last_check_at"]
+    list_display = [
+        "name",
+        "kind",
+        "credential",
+        "last_check_status",
+        "last_check_at",
+        "breaker",
+    ]
     list_filter = ["kind", "last_check_status"]
     search_fields = ["name", "description", "credential__name"]
     readonly_fields = [
@@ -91,7 +98,20 @@ class ConnectorAdmin(admin.ModelAdmin):
         "created_at",
         "updated_at",
     ]
-    actions = ["test_connection"]
+    actions = ["test_connection", "reset_breaker"]
+
+    @admin.display(description="breaker")
+    def breaker(self, obj: Connector) -> str:
+        state = services.breaker_state(obj)
+        if state is None:
+            return "-"
+        return f"{state['state']} ({state['failures']} failures)"
+
+    @admin.action(description="Reset circuit breaker")
+    def reset_breaker(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        for connector in queryset:
+            services.reset_breaker(connector)
+        self.message_user(request, f"{queryset.count()} breaker(s) closed")
 
     @admin.action(description="Test connection")
     def test_connection(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:

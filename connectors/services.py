@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
+from django.conf import settings
 from django.utils import timezone
 
 from connectors.base import CheckResult
 from connectors.choices import CheckStatus
-from connectors.exceptions import ConnectorError
+from connectors.exceptions import ConfigError, ConnectorError
 from connectors.models import Connector
 
 logger = structlog.get_logger(__name__)
@@ -35,3 +38,52 @@ def test_connection(connector_id: int) -> CheckResult:
     )
     logger.info("connector_checked", connector=connector.name, ok=result.ok)
     return result
+
+
+def breaker_state(connector: Connector) -> dict[str, Any] | None:
+    """The connector's shared circuit breaker as every worker sees it (Redis).
+
+    None without Redis (zero-config mode): breakers are then per process.
+    """
+    if not settings.REDIS_URL:
+        return None
+    from connectors.resilience import SharedBreaker
+
+    try:
+        return SharedBreaker(connector.name, settings.REDIS_URL).state()
+    except ConnectorError:
+        return {"state": "unknown", "failures": 0, "opened_at": None, "retry_after": 0}
+
+
+def reset_breaker(connector: Connector) -> None:
+    """Close the connector's breaker by hand (the remote system is back)."""
+    from connectors.resilience import SharedBreaker
+
+    SharedBreaker(connector.name, settings.REDIS_URL or None).reset()
+    logger.info("breaker_reset", connector=connector.name)
+
+
+def discover(connector_id: int) -> list[dict[str, Any]]:
+    """The streams a source connector offers, with their fields and types.
+
+    Raises:
+        ConnectorError: the kind cannot discover, or the system refused.
+    """
+    connector = Connector.objects.select_related("credential").get(pk=connector_id)
+    if not connector.plugin.capabilities.discover:
+        raise ConfigError(f"a {connector.kind} connector cannot discover streams")
+    source = connector.open_source()
+    try:
+        streams = source.discover()
+    finally:
+        source.close()
+    return [
+        {
+            "name": stream.name,
+            "fields": [
+                {"name": f.name, "type": str(f.type), "nullable": f.nullable}
+                for f in stream.schema
+            ],
+        }
+        for stream in streams
+    ]

@@ -4,11 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from connectors import registry
+from connectors import registry, services
 from connectors.exceptions import ConfigError, RegistryError
 from connectors.models import Connector, Credential
+
+
+class BreakerStateSerializer(serializers.Serializer):
+    state = serializers.ChoiceField(choices=["closed", "open", "half-open", "unknown"])
+    failures = serializers.IntegerField()
+    opened_at = serializers.DateTimeField(allow_null=True)
+    retry_after = serializers.FloatField()
+
+
+class StreamFieldSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    type = serializers.CharField()
+    nullable = serializers.BooleanField()
+
+
+class StreamSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    fields = StreamFieldSerializer(many=True)
 
 
 class CredentialSerializer(serializers.ModelSerializer):
@@ -62,6 +81,9 @@ class ConnectorSerializer(serializers.ModelSerializer):
     """A connector; `config` is checked against the kind's schema."""
 
     kind = serializers.CharField(max_length=50)
+    breaker = serializers.SerializerMethodField(
+        help_text="The shared circuit breaker (null without Redis)."
+    )
     credential = serializers.SlugRelatedField(
         slug_field="name",
         queryset=Credential.objects.all(),
@@ -81,6 +103,7 @@ class ConnectorSerializer(serializers.ModelSerializer):
             "last_check_status",
             "last_check_message",
             "last_check_at",
+            "breaker",
             "created_at",
             "updated_at",
         ]
@@ -91,6 +114,10 @@ class ConnectorSerializer(serializers.ModelSerializer):
             "created_at",
             "updated_at",
         ]
+
+    @extend_schema_field(BreakerStateSerializer(allow_null=True))
+    def get_breaker(self, connector: Connector) -> dict[str, Any] | None:
+        return services.breaker_state(connector)
 
     def validate_kind(self, value: str) -> str:
         try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from django_filters import rest_framework as filters
-from drf_spectacular.utils import extend_schema
-from rest_framework import viewsets
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -16,7 +16,9 @@ from connectors.api.serializers import (
     CheckResultSerializer,
     ConnectorSerializer,
     CredentialSerializer,
+    StreamSerializer,
 )
+from connectors.exceptions import ConnectorError
 from connectors.models import Connector, Credential
 
 
@@ -53,3 +55,25 @@ class ConnectorViewSet(viewsets.ModelViewSet):
         connector = self.get_object()
         result = services.test_connection(connector.pk)
         return Response(CheckResultSerializer(dataclasses.asdict(result)).data)
+
+    @extend_schema(
+        request=None,
+        responses={200: StreamSerializer(many=True), 400: OpenApiResponse()},
+    )
+    @action(detail=True, methods=["post"])
+    def discover(self, request: Request, pk: str | None = None) -> Response:
+        """The streams (tables, files, topics) the source offers and their fields."""
+        connector = self.get_object()
+        try:
+            streams = services.discover(connector.pk)
+        except ConnectorError as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_400_BAD_REQUEST)
+        return Response(StreamSerializer(streams, many=True).data)
+
+    @extend_schema(request=None, responses=ConnectorSerializer)
+    @action(detail=True, methods=["post"], url_path="reset-breaker")
+    def reset_breaker(self, request: Request, pk: str | None = None) -> Response:
+        """Close the connector's circuit breaker by hand."""
+        connector = self.get_object()
+        services.reset_breaker(connector)
+        return Response(ConnectorSerializer(connector).data)

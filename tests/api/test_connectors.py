@@ -85,3 +85,43 @@ def test_malformed_json_is_400(api):
         "POST", "/api/v1/connectors/", "{not json", content_type="application/json"
     )
     assert response.status_code == 400
+
+
+def test_discover_returns_streams_and_fields(api, generator_connector):
+    response = api.post(f"/api/v1/connectors/{generator_connector.pk}/discover/")
+    assert response.status_code == 200
+    assert response.json() == [
+        {
+            "name": "rows",
+            "fields": [
+                {"name": "id", "type": "string", "nullable": True},
+                {"name": "label", "type": "string", "nullable": True},
+            ],
+        }
+    ]
+
+
+def test_discover_on_a_kind_that_cannot_is_400(api, tmp_path):
+    from connectors.models import Connector
+
+    kafka_like = Connector.objects.create(
+        name=unique("rest"),
+        kind="rest",
+        config={"base_url": "https://api.example.com"},
+    )
+    response = api.post(f"/api/v1/connectors/{kafka_like.pk}/discover/")
+    assert response.status_code == 400
+    assert "cannot discover" in response.json()["detail"]
+
+
+def test_breaker_state_is_shown_and_can_be_reset(api, generator_connector):
+    body = api.get(f"/api/v1/connectors/{generator_connector.pk}/").json()
+    assert body["breaker"] == {
+        "state": "closed",
+        "failures": 0,
+        "opened_at": None,
+        "retry_after": 0.0,
+    }
+    response = api.post(f"/api/v1/connectors/{generator_connector.pk}/reset-breaker/")
+    assert response.status_code == 200
+    assert response.json()["breaker"]["state"] == "closed"
