@@ -104,6 +104,12 @@ class Pipeline(models.Model):
         editable=False,
         related_name="+",
     )
+    cursor_state = models.JSONField(
+        null=True,
+        blank=True,
+        help_text="Where the last successful incremental run stopped (cursor and "
+        "key of its last row). Clear it to read everything again.",
+    )
     notify_url = models.URLField(
         blank=True,
         help_text="Webhook called on failed and succeeded_with_errors runs.",

@@ -243,14 +243,16 @@ def _plan_chunks(run: Run) -> None:
             for seq, i in enumerate(range(0, len(ids), size))
         ]
     else:
+        options = dict(spec["source"]["options"])
+        if options.get("cursor") and run.pipeline.cursor_state:
+            # Incremental: start where the last successful run stopped.
+            options["cursor_after"] = run.pipeline.cursor_state
         source = runtime.open_source(spec["source"]["connector"])
         try:
-            fingerprint = source.fingerprint(spec["source"]["options"]) or ""
+            fingerprint = source.fingerprint(options) or ""
             chunks = [
                 ChunkRun(run_id=run.pk, seq=c.seq, spec=c.spec)
-                for c in source.plan(
-                    spec["source"]["options"], chunk_rows=spec["chunk_rows"]
-                )
+                for c in source.plan(options, chunk_rows=spec["chunk_rows"])
             ]
         finally:
             source.close()
@@ -899,6 +901,8 @@ def finalize_run(run_id: int) -> None:
         updated = Run.objects.filter(pk=run_id, state=RunState.RUNNING).update(
             state=state, error=reason, finished_at=timezone.now()
         )
+        if updated and state != RunState.FAILED and run.kind == RunKind.REGULAR:
+            _advance_cursor(run)
         if updated:
             promote_next(run.pipeline_id)
             run.refresh_from_db()
@@ -915,6 +919,17 @@ def finalize_run(run_id: int) -> None:
             filtered=run.records_filtered,
             seconds=run.duration_seconds,
         )
+
+
+def _advance_cursor(run: Run) -> None:
+    """Save where an incremental run stopped: only a run that succeeded moves it."""
+    # Every chunk of an incremental plan carries the same upper position.
+    spec = ChunkRun.objects.filter(run_id=run.pk).values_list("spec", flat=True).first()
+    if spec and spec.get("cursor_upto") is not None:
+        Pipeline.objects.filter(pk=run.pipeline_id).update(
+            cursor_state=spec["cursor_upto"]
+        )
+        logger.info("cursor_advanced", run_id=run.pk, cursor=spec["cursor_upto"])
 
 
 def run_ended(run: Run) -> None:

@@ -57,11 +57,17 @@ class PipelineSerializer(serializers.ModelSerializer):
             "schedule_timezone",
             "schedule_interval_seconds",
             "notify_url",
+            "cursor_state",
             "current_version",
             "created_at",
             "updated_at",
         ]
-        read_only_fields = ["current_version", "created_at", "updated_at"]
+        read_only_fields = [
+            "current_version",
+            "cursor_state",
+            "created_at",
+            "updated_at",
+        ]
 
     def validate_source_options(self, value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
