@@ -27,6 +27,8 @@ logger = structlog.get_logger(__name__)
 _RETRY = {
     "autoretry_for": (TransientError,),
     "retry_backoff": 2,
+    # Below the visibility timeout: a delayed retry waits unacknowledged in a
+    # worker, and one waiting longer would be redelivered to another.
     "retry_backoff_max": 300,
     "retry_jitter": True,
     "max_retries": 8,

@@ -197,13 +197,22 @@ CELERY_BROKER_TRANSPORT_OPTIONS = (
         "unacked_restore_throttle": 1,
     }
 )
+# Completion is driven by the database (ChunkRun rows), so no result backend.
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
+# JSON only: messages carry ids and small JSON; pickle would run code on load.
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
+# A message is acknowledged after its task finished, and given back when the
+# worker process died under it: a killed worker loses nothing (tasks are
+# idempotent and fenced, so running one twice is harmless).
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# One message at a time per process: nothing waits unacknowledged behind a long
+# task, and a crash holds back at most one message.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Warm shutdown on SIGTERM lets running tasks finish (within the soft limit).
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_DEFAULT_QUEUE = "control"
 CELERY_TASK_ROUTES = {
