@@ -87,9 +87,17 @@ def _test_database_url() -> str:
 class Worker:
     """A `celery worker` subprocess on the test database, Redis broker and stage."""
 
-    def __init__(self, log_path: Path, *, concurrency: int = 1) -> None:
+    def __init__(
+        self,
+        log_path: Path,
+        *,
+        concurrency: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.log_path = log_path
         self.concurrency = concurrency
+        #: Extra environment for the worker process (its own broker, time limits).
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Worker:
@@ -98,6 +106,7 @@ class Worker:
             "DJANGO_SETTINGS_MODULE": "config.settings.test",
             "DATABASE_URL": _test_database_url(),
             "PYTHONUNBUFFERED": "1",
+            **self.env,
         }
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -154,6 +163,11 @@ class Worker:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(10)
+
+    def sigterm(self) -> None:
+        """SIGTERM the main process: a warm shutdown (running tasks finish first)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

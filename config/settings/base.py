@@ -211,7 +211,10 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 # One message at a time per process: nothing waits unacknowledged behind a long
 # task, and a crash holds back at most one message.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-# Warm shutdown on SIGTERM lets running tasks finish (within the soft limit).
+# After a broker connection loss, unacknowledged messages are redelivered anyway:
+# cancel the tasks still running them instead of letting two copies race (the
+# fence would stop the stale one, but this saves the work). SIGTERM is a warm
+# shutdown: running tasks finish within their time limits.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_DEFAULT_QUEUE = "control"
