@@ -296,6 +296,9 @@ class ChunkRun(models.Model):
     #: Last sign of life of an attempt (claim, step start or end): the reconciler
     #: resends chunks whose attempt went quiet for too long.
     touched_at = models.DateTimeField(null=True, blank=True)
+    #: An aggregate pipeline's partial aggregates of this chunk (Arrow IPC), merged
+    #: by finalize: small (one row per group), and durable unlike staged batches.
+    partial = models.BinaryField(null=True, blank=True, editable=False)
     records_read = models.BigIntegerField(default=0)
     records_written = models.BigIntegerField(default=0)
     records_rejected = models.BigIntegerField(default=0)

@@ -213,7 +213,7 @@ def plan_run(run_id: int) -> None:
     compiled = runtime.compiled_version(run.version_id)
     sink = runtime.open_sink(spec["sink"]["connector"])
     try:
-        sink.prepare(spec["sink"]["options"], compiled.output_schema, run_id=run_id)
+        sink.prepare(spec["sink"]["options"], compiled.final_schema, run_id=run_id)
     finally:
         sink.close()
     with transaction.atomic():
@@ -544,7 +544,13 @@ def admit_chunk(attempt: Attempt, *, read: int, rejected: pa.Table) -> bool:
     return False
 
 
-def complete_chunk(attempt: Attempt, counts: ChunkCounts, rejected: pa.Table) -> bool:
+def complete_chunk(
+    attempt: Attempt,
+    counts: ChunkCounts,
+    rejected: pa.Table,
+    *,
+    partial: bytes | None = None,
+) -> bool:
     """Record a committed chunk exactly once; refill the window or finalize.
 
     Returns False when another attempt already completed the chunk (or this one was
@@ -564,6 +570,7 @@ def complete_chunk(attempt: Attempt, counts: ChunkCounts, rejected: pa.Table) ->
             records_written=counts.written,
             records_rejected=counts.rejected,
             records_filtered=counts.filtered,
+            partial=partial,
         )
         if not updated:
             return False
@@ -894,6 +901,10 @@ def finalize_run(run_id: int) -> None:
         spec = run.version.spec
         sink = runtime.open_sink(spec["sink"]["connector"])
         try:
+            compiled = runtime.compiled_version(run.version_id)
+            if compiled.is_aggregate:
+                written = _write_aggregate(run, compiled, sink)
+                Run.objects.filter(pk=run_id).update(records_written=written)
             sink.finalize(spec["sink"]["options"], run_id=run_id)
         finally:
             sink.close()
@@ -919,6 +930,33 @@ def finalize_run(run_id: int) -> None:
             filtered=run.records_filtered,
             seconds=run.duration_seconds,
         )
+
+
+def _write_aggregate(run: Run, compiled: Any, sink: Any) -> int:
+    """Merge the chunks' partial aggregates and write the result, as one more
+    chunk (seq = chunks_total) so a repeated finalize replaces, never duplicates."""
+    from integration.staging import from_ipc
+
+    partials = [
+        from_ipc(bytes(blob))
+        for blob in ChunkRun.objects.filter(run_id=run.pk, state=ChunkState.DONE)
+        .exclude(partial=None)
+        .values_list("partial", flat=True)
+    ]
+    final = compiled.merge_partials(partials)
+    final = final.append_column(
+        SOURCE_REF_COLUMN,
+        pa.array([f"aggregate:run-{run.pk}"] * final.num_rows, pa.string()),
+    )
+    result = sink.write(
+        run.version.spec["sink"]["options"],
+        final,
+        run_id=run.pk,
+        chunk_seq=run.chunks_total,
+        fence=lambda: Run.objects.filter(pk=run.pk, state=RunState.RUNNING).exists(),
+    )
+    logger.info("aggregate_written", run_id=run.pk, groups=result.rows_written)
+    return result.rows_written
 
 
 def _advance_cursor(run: Run) -> None:

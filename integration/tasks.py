@@ -187,6 +187,14 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     if not services.admit_chunk(attempt, read=rows_in, rejected=rejected):
         stage.delete(*keys)
         return
+    filtered = int(meta.get(b"dis.filtered", b"0"))
+    if runtime.compiled_version(attempt.version_id).is_aggregate:
+        # Partial aggregates wait in the database; finalize merges and writes them.
+        counts = services.ChunkCounts(rows_in, 0, rejected.num_rows, filtered)
+        partial = staging.to_ipc(output.replace_schema_metadata(None))
+        services.complete_chunk(attempt, counts, rejected, partial=partial)
+        stage.delete(*keys)
+        return
     spec = attempt.version_spec["sink"]
     sink = runtime.open_sink(spec["connector"])
     try:
@@ -206,7 +214,7 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
         read=rows_in,
         written=result.rows_written,
         rejected=rejected.num_rows,
-        filtered=int(meta.get(b"dis.filtered", b"0")),
+        filtered=filtered,
     )
     services.complete_chunk(attempt, counts, rejected)
     stage.delete(*keys)

@@ -240,3 +240,64 @@ def test_run_over_error_threshold_fails_and_keeps_committed_rows(
     letters = DeadLetter.objects.filter(run=run)
     assert letters.count() == 3
     assert set(letters.values_list("chunk_seq", flat=True)) == {3}
+
+
+def test_aggregate_delay_per_carrier_and_month(worker_factory, flights_dir, pg_sink):
+    """Partial aggregates per chunk, merged at finalize, equal a single pass."""
+    import pyarrow as pa
+
+    steps = [
+        FLIGHTS_STEPS[0],
+        {
+            "type": "aggregate",
+            "group_by": ["carrier", "month"],
+            "measures": [
+                {"name": "flights", "fn": "count"},
+                {"name": "avg_dep_delay", "fn": "avg", "expr": "dep_delay_min"},
+                {"name": "tails", "fn": "count_distinct", "expr": "tail_number"},
+            ],
+        },
+    ]
+    pipeline, table = make_pipeline(
+        flights_dir, "flights.csv", pg_sink, chunk_rows=40_000
+    )
+    pipeline.steps = steps
+    pipeline.save()
+    services.freeze_version(pipeline)
+    worker_factory(concurrency=2)
+    run = wait_for_run(services.start_run(pipeline.pk).pk)
+    assert run.state == "succeeded", run.error
+    t = flights_table()
+    expected = (
+        pa.table(
+            {
+                "carrier": t["carrier"],
+                "month": t["month"],
+                "dep_delay": t["dep_delay"],
+                "tailnum": t["tailnum"],
+            }
+        )
+        .group_by(["carrier", "month"])
+        .aggregate(
+            [
+                ("carrier", "count", pc.CountOptions(mode="all")),
+                ("dep_delay", "mean"),
+                ("tailnum", "count_distinct"),
+            ]
+        )
+    )
+    want = {
+        (r["carrier"], r["month"]): (
+            r["carrier_count"],
+            round(r["dep_delay_mean"], 9),
+            r["tailnum_count_distinct"],
+        )
+        for r in expected.to_pylist()
+    }
+    rows = sink_query(
+        pg_sink,
+        f'SELECT carrier, month, flights, avg_dep_delay, tails FROM "{table}"',
+    )
+    got = {(c, m): (n, round(a, 9), d) for c, m, n, a, d in rows}
+    assert run.records_written == len(want) == 185
+    assert got == want
