@@ -265,6 +265,22 @@ class Run(models.Model):
         end = self.finished_at or timezone.now()
         return round((end - self.started_at).total_seconds(), 3)
 
+    def source_options(self) -> dict[str, Any]:
+        """What this run reads: the version's options, with the run's overrides (a
+        backfill's scope)."""
+        return {
+            **self.version.spec["source"]["options"],
+            **self.params.get("source_options", {}),
+        }
+
+    def sink_options(self) -> dict[str, Any]:
+        """Where this run writes: the version's options, with the run's overrides
+        (a backfill writes with upsert)."""
+        return {
+            **self.version.spec["sink"]["options"],
+            **self.params.get("sink_options", {}),
+        }
+
     def outcome_state(self) -> RunState:
         """The terminal state a finished run earns from its counts."""
         if self.rejected_ratio > self.version.spec["max_rejected_ratio"]:

@@ -213,7 +213,7 @@ def plan_run(run_id: int) -> None:
     compiled = runtime.compiled_version(run.version_id)
     sink = runtime.open_sink(spec["sink"]["connector"])
     try:
-        sink.prepare(spec["sink"]["options"], compiled.final_schema, run_id=run_id)
+        sink.prepare(run.sink_options(), compiled.final_schema, run_id=run_id)
     finally:
         sink.close()
     with transaction.atomic():
@@ -233,7 +233,16 @@ def _plan_chunks(run: Run) -> None:
 
     spec = run.version.spec
     fingerprint = ""
-    if run.kind == RunKind.REPLAY:
+    if run.params.get("chunks_of_run"):
+        # A backfill of "the records of run X": X's chunk plan, read again.
+        chunks = [
+            ChunkRun(run_id=run.pk, seq=seq, spec=spec)
+            for seq, spec in ChunkRun.objects.filter(run_id=run.params["chunks_of_run"])
+            .order_by("seq")
+            .values_list("seq", "spec")
+        ]
+        fingerprint = run.params.get("fingerprint", "")
+    elif run.kind == RunKind.REPLAY:
         ids = sorted(run.params.get("dead_letter_ids", []))
         size = spec["chunk_rows"]
         chunks = [
@@ -243,8 +252,12 @@ def _plan_chunks(run: Run) -> None:
             for seq, i in enumerate(range(0, len(ids), size))
         ]
     else:
-        options = dict(spec["source"]["options"])
-        if options.get("cursor") and run.pipeline.cursor_state:
+        options = run.source_options()
+        if (
+            options.get("cursor")
+            and run.pipeline.cursor_state
+            and run.kind == RunKind.REGULAR
+        ):
             # Incremental: start where the last successful run stopped.
             options["cursor_after"] = run.pipeline.cursor_state
         source = runtime.open_source(spec["source"]["connector"])
@@ -316,6 +329,8 @@ class Attempt:
     version_id: int
     version_spec: dict[str, Any]
     correlation_id: str
+    source_options: dict[str, Any]
+    sink_options: dict[str, Any]
 
 
 def begin_attempt(
@@ -371,6 +386,8 @@ def begin_attempt(
         version_id=run.version_id,
         version_spec=run.version.spec,
         correlation_id=run.correlation_id,
+        source_options=run.source_options(),
+        sink_options=run.sink_options(),
     )
 
 
@@ -905,7 +922,7 @@ def finalize_run(run_id: int) -> None:
             if compiled.is_aggregate:
                 written = _write_aggregate(run, compiled, sink)
                 Run.objects.filter(pk=run_id).update(records_written=written)
-            sink.finalize(spec["sink"]["options"], run_id=run_id)
+            sink.finalize(run.sink_options(), run_id=run_id)
         finally:
             sink.close()
     with transaction.atomic():
@@ -949,7 +966,7 @@ def _write_aggregate(run: Run, compiled: Any, sink: Any) -> int:
         pa.array([f"aggregate:run-{run.pk}"] * final.num_rows, pa.string()),
     )
     result = sink.write(
-        run.version.spec["sink"]["options"],
+        run.sink_options(),
         final,
         run_id=run.pk,
         chunk_seq=run.chunks_total,
@@ -1100,3 +1117,97 @@ def save_pipeline(pipeline: Pipeline) -> PipelineVersion:
     version = freeze_version(pipeline)
     sync_schedule(pipeline)
     return version
+
+
+# --- Backfills --------------------------------------------------------------------
+
+
+def start_backfill(
+    pipeline_id: int,
+    scope: dict[str, Any],
+    *,
+    correlation_id: str | None = None,
+    requested_by_id: int | None = None,
+) -> Run:
+    """Re-run a pipeline for a scope, writing with upsert, as a run of kind backfill.
+
+    `scope` is `{"run": id}` (the records of that run: its chunk plan again, the
+    source unchanged), `{"cursor_from": a, "cursor_to": b}` (a half-open range of
+    the source's cursor) or `{"keys": [[...], ...]}` (those keys) — the last two for
+    sources that can scope a read (PostgreSQL).
+
+    Raises:
+        ValidationError: naming `scope` or `sink_options`, with the reason.
+    """
+    from integration import runtime
+
+    pipeline = Pipeline.objects.select_related("sink", "source").get(pk=pipeline_id)
+    version = pipeline.current_version or freeze_version(pipeline)
+    sink_options = {**version.spec["sink"]["options"], "write_mode": "upsert"}
+    if not sink_options.get("key"):
+        raise ValidationError(
+            {
+                "sink_options": "a backfill writes with upsert: the pipeline's "
+                "sink_options need a key"
+            }
+        )
+    if not pipeline.sink.plugin.capabilities.upsert:
+        raise ValidationError(
+            {"sink_options": f"a {pipeline.sink.kind} sink cannot upsert"}
+        )
+    params: dict[str, Any] = {"sink_options": sink_options, "scope": scope}
+    if set(scope) == {"run"}:
+        source_run = Run.objects.filter(pk=scope["run"], pipeline=pipeline).first()
+        if source_run is None or source_run.planned_at is None:
+            raise ValidationError(
+                {"scope": f"no planned run {scope['run']} of this pipeline"}
+            )
+        if source_run.version.spec["source"] != version.spec["source"] or (
+            source_run.version.spec["chunk_rows"] != version.spec["chunk_rows"]
+        ):
+            raise ValidationError(
+                {
+                    "scope": f"run {source_run.pk} read the source "
+                    "differently from the current version"
+                }
+            )
+        if source_run.kind == RunKind.REPLAY:
+            raise ValidationError({"scope": "a replay run has no source records"})
+        source = runtime.open_source(version.spec["source"]["connector"])
+        try:
+            fingerprint = (source.fingerprint(source_run.source_options()) or "")[:200]
+        finally:
+            source.close()
+        if fingerprint != source_run.source_fingerprint:
+            raise ValidationError(
+                {
+                    "scope": "the source changed since run "
+                    f"{source_run.pk}; its records cannot be read again"
+                }
+            )
+        params.update(chunks_of_run=source_run.pk, fingerprint=fingerprint)
+    else:
+        source_options = {**version.spec["source"]["options"], "scope": scope}
+        from connectors.exceptions import ConfigError
+
+        try:
+            pipeline.source.plugin.validate_options("source", source_options)
+        except ConfigError as exc:
+            raise ValidationError(
+                {"scope": f"this source cannot read that scope: {exc}"}
+            ) from None
+        params["source_options"] = {"scope": scope}
+    cid = correlation_id or correlation.current() or correlation.new_id()
+    with transaction.atomic():
+        run = Run.objects.create(
+            pipeline=pipeline,
+            version=version,
+            kind=RunKind.BACKFILL,
+            trigger=RunTrigger.API,
+            correlation_id=cid,
+            requested_by_id=requested_by_id,
+            params=params,
+        )
+        orchestration.send_plan(run.pk, cid)
+    logger.info("backfill_queued", run_id=run.pk, scope=scope)
+    return run

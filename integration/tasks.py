@@ -98,7 +98,8 @@ def extract_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
         spec = attempt.version_spec["source"]
         source = runtime.open_source(spec["connector"])
         try:
-            batches = list(source.read(spec["options"], Chunk(seq, attempt.chunk_spec)))
+            chunk = Chunk(seq, attempt.chunk_spec)
+            batches = list(source.read(attempt.source_options, chunk))
         finally:
             source.close()
         table = pa.Table.from_batches(batches) if batches else pa.table({})
@@ -199,7 +200,7 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     sink = runtime.open_sink(spec["connector"])
     try:
         result = sink.write(
-            spec["options"],
+            attempt.sink_options,
             output.replace_schema_metadata(None),
             run_id=run_id,
             chunk_seq=seq,

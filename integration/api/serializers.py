@@ -212,6 +212,36 @@ class StartRunSerializer(serializers.Serializer):
     params = serializers.DictField(required=False, default=dict)
 
 
+class BackfillSerializer(serializers.Serializer):
+    """A backfill's scope: `{"run": id}`, `{"cursor_from", "cursor_to"}` or
+    `{"keys": [[...], ...]}`."""
+
+    scope = serializers.DictField()
+
+    def validate_scope(self, value: dict[str, Any]) -> dict[str, Any]:
+        kinds = [
+            {"run"} == set(value),
+            bool({"cursor_from", "cursor_to"} & set(value))
+            and set(value) <= {"cursor_from", "cursor_to"},
+            {"keys"} == set(value),
+        ]
+        if sum(kinds) != 1:
+            raise serializers.ValidationError(
+                "one of {run}, {cursor_from, cursor_to} or {keys}"
+            )
+        if "run" in value and not isinstance(value["run"], int):
+            raise serializers.ValidationError({"run": "a run id"})
+        if "keys" in value and not (
+            isinstance(value["keys"], list)
+            and value["keys"]
+            and all(isinstance(k, list) for k in value["keys"])
+        ):
+            raise serializers.ValidationError(
+                {"keys": "a non-empty list of key value lists"}
+            )
+        return value
+
+
 class ResumeRunSerializer(serializers.Serializer):
     """Body of a resume request."""
 

@@ -17,6 +17,7 @@ from rest_framework.response import Response
 from integration import services
 from integration.api.filtersets import DeadLetterFilter, PipelineFilter, RunFilter
 from integration.api.serializers import (
+    BackfillSerializer,
     CountSerializer,
     DeadLetterSerializer,
     DiscardOneSerializer,
@@ -97,6 +98,24 @@ class PipelineViewSet(viewsets.ModelViewSet):
         if replayed:
             response["Idempotent-Replayed"] = "true"
         return response
+
+    @extend_schema(request=BackfillSerializer, responses={202: RunSerializer})
+    @action(detail=True, methods=["post"])
+    def backfills(self, request: Request, pk: str | None = None) -> Response:
+        """Re-run the pipeline for a scope with upsert semantics (kind backfill)."""
+        pipeline = self.get_object()
+        body = BackfillSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            run = services.start_backfill(
+                pipeline.pk,
+                body.validated_data["scope"],
+                correlation_id=getattr(request, "correlation_id", None),
+                requested_by_id=request.user.pk,
+            )
+        except DjangoValidationError as exc:
+            raise ValidationError(exc.message_dict) from None
+        return Response(RunSerializer(run).data, status=status.HTTP_202_ACCEPTED)
 
 
 class RunViewSet(viewsets.ReadOnlyModelViewSet):

@@ -131,3 +131,129 @@ def test_two_runs_read_only_new_rows_and_a_failed_run_keeps_the_cursor(
     assert (fourth.state, fourth.records_read) == ("succeeded", 1)
     pipeline.refresh_from_db()
     assert pipeline.cursor_state == {"cursor": 5, "key": [14]}
+
+
+@pytest.fixture
+def backfill_pipeline(events, pg_sink, sent):
+    source = Connector.objects.create(
+        name=unique("pgsrc"), kind="postgres", config=dict(pg_sink.config)
+    )
+    pipeline = Pipeline.objects.create(
+        name=unique("bf"),
+        source=source,
+        source_options={"table": events.table, "cursor": "updated"},
+        steps=STEPS,
+        sink=pg_sink,
+        sink_options={"table": pg_sink.new_table(), "key": ["id"]},
+        chunk_rows=4,
+    )
+    services.freeze_version(pipeline)
+    events([(i, str(i), i) for i in range(1, 21)])
+    first = drive(services.start_run(pipeline.pk).pk)
+    assert (first.state, first.records_written) == ("succeeded", 20)
+    return pipeline
+
+
+def sink_rows(pipeline, pg_sink):
+    from tests.runs.conftest import sink_query
+
+    table = pipeline.sink_options["table"]
+    return dict(sink_query(pg_sink, f'SELECT id, amount FROM "{table}" ORDER BY id'))
+
+
+def update_source(events, pg_sink, ids, amount):
+    cfg = pg_sink.config
+    with psycopg.connect(
+        host=cfg["host"], dbname=cfg["database"], user=cfg["user"], autocommit=True
+    ) as conn:
+        conn.execute(
+            f'UPDATE "{events.table}" SET amount = %s WHERE id = ANY(%s)', [amount, ids]
+        )
+
+
+@pytest.mark.parametrize(
+    ("scope", "ids"),
+    [
+        ({"cursor_from": 5, "cursor_to": 9}, [5, 6, 7, 8]),
+        ({"keys": [[3], [17]]}, [3, 17]),
+    ],
+    ids=["cursor-range", "keys"],
+)
+def test_backfill_rereads_its_scope_with_upsert(
+    api, backfill_pipeline, events, pg_sink, scope, ids
+):
+    update_source(events, pg_sink, list(range(1, 21)), "999")
+    response = api.post(
+        f"/api/v1/pipelines/{backfill_pipeline.pk}/backfills/",
+        {"scope": scope},
+        format="json",
+    )
+    assert response.status_code == 202, response.content
+    run = drive(response.json()["id"])
+    assert (run.kind, run.state, run.records_read) == (
+        "backfill",
+        "succeeded",
+        len(ids),
+    )
+    rows = sink_rows(backfill_pipeline, pg_sink)
+    assert len(rows) == 20  # upsert: replaced in place, nothing duplicated
+    assert {i for i, amount in rows.items() if amount == 999} == set(ids)
+    # A backfill does not move the incremental cursor.
+    backfill_pipeline.refresh_from_db()
+    assert backfill_pipeline.cursor_state == {"cursor": 20, "key": [20]}
+
+
+def test_backfill_of_the_records_of_a_run(api, backfill_pipeline, events, pg_sink):
+    first = Run.objects.filter(pipeline=backfill_pipeline).get()
+    response = api.post(
+        f"/api/v1/pipelines/{backfill_pipeline.pk}/backfills/",
+        {"scope": {"run": first.pk}},
+        format="json",
+    )
+    assert response.status_code == 202, response.content
+    run = drive(response.json()["id"])
+    assert (run.state, run.records_read, run.chunks_total) == (
+        "succeeded",
+        20,
+        first.chunks_total,
+    )
+    assert len(sink_rows(backfill_pipeline, pg_sink)) == 20
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"scope": {"run": 987654}}, "scope", "no planned run"),
+        ({"scope": {"cursor_from": 1, "keys": [[1]]}}, "scope", "one of"),
+        ({"scope": {"keys": []}}, "scope", "non-empty"),
+        ({"scope": {"keys": [[1, 2]]}}, None, None),
+    ],
+    ids=["unknown-run", "mixed", "empty-keys", "wrong-width"],
+)
+def test_bad_backfill_is_400(api, backfill_pipeline, body, field, message):
+    response = api.post(
+        f"/api/v1/pipelines/{backfill_pipeline.pk}/backfills/", body, format="json"
+    )
+    if field is None:  # accepted here, refused by the source when it plans
+        assert response.status_code == 202
+        # The task's failure handler fails the run with the source's reason.
+        tasks.plan_run.apply(args=(response.json()["id"],))
+        run = Run.objects.get(pk=response.json()["id"])
+        assert run.state == "failed"
+        assert "scope keys must have 1 value(s) each" in run.error
+        return
+    assert response.status_code == 400
+    assert message in str(response.json()[field])
+
+
+def test_backfill_needs_a_sink_key(api, backfill_pipeline):
+    Pipeline.objects.filter(pk=backfill_pipeline.pk).update(sink_options={"table": "x"})
+    backfill_pipeline.refresh_from_db()
+    services.freeze_version(backfill_pipeline)
+    response = api.post(
+        f"/api/v1/pipelines/{backfill_pipeline.pk}/backfills/",
+        {"scope": {"keys": [[1]]}},
+        format="json",
+    )
+    assert response.status_code == 400
+    assert "need a key" in str(response.json()["sink_options"])

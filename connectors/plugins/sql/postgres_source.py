@@ -25,7 +25,7 @@ import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-from marshmallow import fields, validates_schema
+from marshmallow import fields, validate, validates_schema
 from psycopg import sql
 from psycopg_pool import PoolTimeout
 
@@ -82,6 +82,29 @@ class CursorPosition(marshmallow.Schema):
     key = fields.List(fields.Raw(allow_none=False), required=True)
 
 
+class ScopeSchema(marshmallow.Schema):
+    """Rows a backfill re-reads: `cursor_from <= cursor < cursor_to`, or `keys`."""
+
+    cursor_from = fields.Raw(load_default=None)
+    cursor_to = fields.Raw(load_default=None)
+    keys = fields.List(
+        fields.List(fields.Raw(allow_none=False)),
+        load_default=None,
+        validate=validate.Length(min=1, max=100_000),
+    )
+
+    @validates_schema
+    def _one_kind(self, data: dict[str, Any], **kwargs: Any) -> None:
+        ranged = (
+            data.get("cursor_from") is not None or data.get("cursor_to") is not None
+        )
+        if ranged == bool(data.get("keys")):
+            raise marshmallow.ValidationError(
+                "Give a cursor range (cursor_from/cursor_to) or keys.",
+                field_name="scope",
+            )
+
+
 class PostgresReadOptions(marshmallow.Schema):
     """A pipeline's read options for the `postgres` source.
 
@@ -97,6 +120,8 @@ class PostgresReadOptions(marshmallow.Schema):
     key = KeyList(load_default=None)
     cursor = fields.String(load_default=None, validate=_identifier)
     cursor_after = fields.Nested(CursorPosition, load_default=None, allow_none=True)
+    #: A backfill's scope: a half-open range of the cursor, or a list of keys.
+    scope = fields.Nested(ScopeSchema, load_default=None, allow_none=True)
 
     @validates_schema
     def _one_relation(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -119,6 +144,13 @@ class PostgresReadOptions(marshmallow.Schema):
         if data.get("cursor_after") and not data.get("cursor"):
             raise marshmallow.ValidationError(
                 "Needs a cursor column.", field_name="cursor_after"
+            )
+        scope = data.get("scope") or {}
+        if (
+            scope.get("cursor_from") is not None or scope.get("cursor_to") is not None
+        ) and not data.get("cursor"):
+            raise marshmallow.ValidationError(
+                "A cursor range needs a cursor column.", field_name="scope"
             )
 
 
@@ -294,6 +326,7 @@ class PostgresSource(PostgresClient, Source):
                     if upto is None:
                         return
                 where = _incremental_filter(cursor, key, after, upto)
+                where += _scope_filter(cursor, key, opts["scope"])
                 bounds = self._boundaries(conn, relation, key, where, chunk_rows)
                 last = bounds[-1] if bounds else None
                 if self._has_rows_after(conn, relation, key, where, last):
@@ -314,6 +347,7 @@ class PostgresSource(PostgresClient, Source):
                     "cursor": cursor,
                     "cursor_after": after,
                     "cursor_upto": upto,
+                    "scope": opts["scope"],
                 },
             )
             lower = upper
@@ -344,6 +378,7 @@ class PostgresSource(PostgresClient, Source):
         filters = _incremental_filter(
             cursor, key, spec.get("cursor_after"), spec.get("cursor_upto")
         )
+        filters += _scope_filter(cursor, key, spec.get("scope"))
         keys = _row_of(key)
         if spec.get("lower") is not None:
             filters.append(sql.SQL("{} > {}").format(keys, _row(spec["lower"])))
@@ -653,6 +688,39 @@ def _incremental_filter(
     if upto is not None:
         filters.append(
             sql.SQL("{} <= {}").format(position, _row([upto["cursor"], *upto["key"]]))
+        )
+    return filters
+
+
+def _scope_filter(
+    cursor: str | None, key: list[str], scope: dict[str, Any] | None
+) -> list[sql.Composable]:
+    """A backfill's rows: `cursor_from <= cursor < cursor_to`, or `key IN keys`."""
+    if not scope:
+        return []
+    filters: list[sql.Composable] = []
+    if scope.get("keys"):
+        width = {len(k) for k in scope["keys"]}
+        if width != {len(key)}:
+            raise ConfigError(
+                f"scope keys must have {len(key)} value(s) each (key {', '.join(key)})"
+            )
+        filters.append(
+            sql.SQL("{} IN ({})").format(
+                _row_of(key), sql.SQL(", ").join(_row(k) for k in scope["keys"])
+            )
+        )
+    if cursor and scope.get("cursor_from") is not None:
+        filters.append(
+            sql.SQL("{} >= {}").format(
+                sql.Identifier(cursor), sql.Literal(scope["cursor_from"])
+            )
+        )
+    if cursor and scope.get("cursor_to") is not None:
+        filters.append(
+            sql.SQL("{} < {}").format(
+                sql.Identifier(cursor), sql.Literal(scope["cursor_to"])
+            )
         )
     return filters
 
