@@ -7,6 +7,7 @@ from rest_framework.routers import DefaultRouter
 from connectors.api.views import ConnectorViewSet, CredentialViewSet
 from integration.api.views import DeadLetterViewSet, PipelineViewSet, RunViewSet
 from integration.api.workflows import WorkflowRunViewSet, WorkflowViewSet
+from transforms.api.views import MappingViewSet, SchemaSubjectViewSet
 
 router = DefaultRouter()
 router.register("credentials", CredentialViewSet)
@@ -16,5 +17,7 @@ router.register("runs", RunViewSet)
 router.register("dead-letters", DeadLetterViewSet)
 router.register("workflows", WorkflowViewSet)
 router.register("workflow-runs", WorkflowRunViewSet)
+router.register("schemas", SchemaSubjectViewSet)
+router.register("mappings", MappingViewSet)
 
 urlpatterns = router.urls

@@ -167,6 +167,7 @@ SPECTACULAR_SETTINGS = {
         "NodeKindEnum": "integration.choices.NodeKind",
         "NodeStateEnum": "integration.choices.NodeState",
         "WorkflowRunStateEnum": "integration.choices.WorkflowRunState",
+        "PreviewValuesEnum": "transforms.choices.PreviewValues",
     },
 }
 
