@@ -34,6 +34,28 @@ BROKEN_ROWS = [
 ]
 
 
+@pytest.fixture
+def sent(monkeypatch):
+    """Record what would go to the broker instead of sending it, so a test drives
+    every step itself: ("plan" | "chunk" | "finalize" | "notify" | "advance", ...)."""
+    from integration import orchestration, workflows
+
+    calls: list[tuple] = []
+    for name, label in [
+        ("send_plan", "plan"),
+        ("send_chunk", "chunk"),
+        ("send_finalize", "finalize"),
+        ("send_notification", "notify"),
+    ]:
+        monkeypatch.setattr(
+            orchestration, name, lambda *a, _label=label: calls.append((_label, *a))
+        )
+    monkeypatch.setattr(
+        workflows, "send_advance", lambda wr, **kw: calls.append(("advance", wr))
+    )
+    return calls
+
+
 @pytest.fixture(scope="session")
 def flights_dir(tmp_path_factory) -> Path:
     """A folder with flights.csv (pristine) and flights_broken.csv (+ broken rows)."""

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from integration import orchestration, services, staging, tasks
+from integration import services, staging, tasks
 from integration.models import ChunkRun, Pipeline, Run
 from tests.helpers import unique
 from tests.runs.conftest import sink_query
@@ -27,21 +27,6 @@ STEPS = [
         ],
     }
 ]
-
-
-@pytest.fixture
-def sent(monkeypatch):
-    calls: list[tuple] = []
-    monkeypatch.setattr(
-        orchestration, "send_plan", lambda *a: calls.append(("plan", *a))
-    )
-    monkeypatch.setattr(
-        orchestration, "send_chunk", lambda *a: calls.append(("chunk", *a))
-    )
-    monkeypatch.setattr(
-        orchestration, "send_finalize", lambda *a: calls.append(("finalize", *a))
-    )
-    return calls
 
 
 @pytest.fixture

@@ -11,26 +11,11 @@ from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
 from connectors.models import Connector
-from integration import housekeeping, orchestration, services, tasks
+from integration import housekeeping, services, tasks
 from integration.models import ChunkRun, DeadLetter, Pipeline, Run
 from tests.helpers import unique, wait_for_run
 
 STEPS = [{"type": "map", "fields": [{"name": "id", "expr": "id", "type": "integer"}]}]
-
-
-@pytest.fixture
-def sent(monkeypatch):
-    calls: list[tuple] = []
-    monkeypatch.setattr(
-        orchestration, "send_plan", lambda *a: calls.append(("plan", *a))
-    )
-    monkeypatch.setattr(
-        orchestration, "send_chunk", lambda *a: calls.append(("chunk", *a))
-    )
-    monkeypatch.setattr(
-        orchestration, "send_finalize", lambda *a: calls.append(("finalize", *a))
-    )
-    return calls
 
 
 def generator_pipeline(sink, *, rows=50, chunk_rows=10, kind="generator", **config):

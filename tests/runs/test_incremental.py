@@ -7,7 +7,7 @@ import psycopg
 import pytest
 
 from connectors.models import Connector
-from integration import orchestration, services, tasks
+from integration import services, tasks
 from integration.models import ChunkRun, Pipeline, Run
 from tests.helpers import unique
 
@@ -22,21 +22,6 @@ STEPS = [
         ],
     }
 ]
-
-
-@pytest.fixture
-def sent(monkeypatch):
-    calls: list[tuple] = []
-    monkeypatch.setattr(
-        orchestration, "send_plan", lambda *a: calls.append(("plan", *a))
-    )
-    monkeypatch.setattr(
-        orchestration, "send_chunk", lambda *a: calls.append(("chunk", *a))
-    )
-    monkeypatch.setattr(
-        orchestration, "send_finalize", lambda *a: calls.append(("finalize", *a))
-    )
-    return calls
 
 
 @pytest.fixture

@@ -7,26 +7,11 @@ import threading
 import pytest
 
 from connectors.models import Connector
-from integration import orchestration, services
+from integration import services
 from integration.models import ChunkRun, DeadLetter, Pipeline, Run
 from tests.helpers import unique
 
 STEPS = [{"type": "map", "fields": [{"name": "n", "expr": "n", "type": "integer"}]}]
-
-
-@pytest.fixture
-def sent(monkeypatch):
-    calls: list[tuple] = []
-    monkeypatch.setattr(
-        orchestration, "send_plan", lambda *a: calls.append(("plan", *a))
-    )
-    monkeypatch.setattr(
-        orchestration, "send_chunk", lambda *a: calls.append(("chunk", *a))
-    )
-    monkeypatch.setattr(
-        orchestration, "send_finalize", lambda *a: calls.append(("finalize", *a))
-    )
-    return calls
 
 
 @pytest.fixture

@@ -30,24 +30,6 @@ def pipeline(generator_connector, sqlite_sink):
     return p
 
 
-@pytest.fixture
-def no_send(monkeypatch):
-    """Record what would be sent to the broker instead of sending it."""
-    sent: list[tuple] = []
-    from integration import orchestration
-
-    monkeypatch.setattr(
-        orchestration, "send_plan", lambda *a: sent.append(("plan", *a))
-    )
-    monkeypatch.setattr(
-        orchestration, "send_chunk", lambda *a: sent.append(("chunk", *a))
-    )
-    monkeypatch.setattr(
-        orchestration, "send_finalize", lambda *a: sent.append(("finalize", *a))
-    )
-    return sent
-
-
 def test_behaviour_change_freezes_a_new_version(pipeline):
     first = pipeline.current_version
     pipeline.description = "only words"
@@ -84,7 +66,7 @@ def test_database_allows_one_running_regular_run(pipeline):
     )
 
 
-def test_second_run_waits_queued_until_the_first_ends(pipeline, no_send):
+def test_second_run_waits_queued_until_the_first_ends(pipeline, sent):
     first = services.start_run(pipeline.pk)
     second = services.start_run(pipeline.pk)
     assert services.claim_run(first.pk) is True
@@ -92,11 +74,11 @@ def test_second_run_waits_queued_until_the_first_ends(pipeline, no_send):
     assert Run.objects.get(pk=second.pk).state == RunState.QUEUED
     services.stop_run(first.pk, RunState.FAILED, "test")
     # The end of the first run sends the plan of the queued one.
-    assert ("plan", second.pk, second.correlation_id) in no_send
+    assert ("plan", second.pk, second.correlation_id) in sent
     assert services.claim_run(second.pk) is True
 
 
-def test_api_start_run_is_202_queued(api, pipeline, no_send):
+def test_api_start_run_is_202_queued(api, pipeline, sent):
     response = api.post(
         f"/api/v1/pipelines/{pipeline.pk}/runs/",
         {},
@@ -108,7 +90,7 @@ def test_api_start_run_is_202_queued(api, pipeline, no_send):
     assert body["state"] == "queued"
     assert body["correlation_id"] == "corr-1"
     assert body["version"] == pipeline.current_version.number
-    assert no_send == [("plan", body["id"], "corr-1")]
+    assert sent == [("plan", body["id"], "corr-1")]
     detail = api.get(f"/api/v1/runs/{body['id']}/").json()
     assert detail["chunks"] == {
         "pending": 0,
@@ -120,11 +102,11 @@ def test_api_start_run_is_202_queued(api, pipeline, no_send):
     }
 
 
-def test_api_start_run_on_paused_pipeline_is_409(api, pipeline, no_send):
+def test_api_start_run_on_paused_pipeline_is_409(api, pipeline, sent):
     Pipeline.objects.filter(pk=pipeline.pk).update(is_paused=True)
     response = api.post(f"/api/v1/pipelines/{pipeline.pk}/runs/", {}, format="json")
     assert response.status_code == 409
-    assert no_send == []
+    assert sent == []
 
 
 def test_api_unknown_pipeline_is_404(api):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from integration import orchestration, services, tasks
+from integration import services, tasks
 from integration.models import ChunkRun, DeadLetter, Pipeline, Run
 from tests.helpers import unique
 
@@ -14,21 +14,6 @@ STEPS = [
     {"type": "map", "fields": [{"name": "id", "expr": "id", "type": "integer"}]},
     {"type": "validate", "rules": [{"field": "id", "rule": "range", "max": 95}]},
 ]
-
-
-@pytest.fixture
-def sent(monkeypatch):
-    calls: list[tuple] = []
-    monkeypatch.setattr(
-        orchestration, "send_plan", lambda *a: calls.append(("plan", *a))
-    )
-    monkeypatch.setattr(
-        orchestration, "send_chunk", lambda *a: calls.append(("chunk", *a))
-    )
-    monkeypatch.setattr(
-        orchestration, "send_finalize", lambda *a: calls.append(("finalize", *a))
-    )
-    return calls
 
 
 @pytest.fixture

@@ -8,29 +8,11 @@ import time
 import pytest
 
 from connectors.models import Connector
-from integration import orchestration, services, workflows
+from integration import services, workflows
 from integration.models import NodeRun, Pipeline, Run, Workflow, WorkflowRun
 from tests.helpers import unique
 
 STEPS = [{"type": "map", "fields": [{"name": "id", "expr": "id", "type": "integer"}]}]
-
-
-@pytest.fixture
-def sent(monkeypatch):
-    calls: list[tuple] = []
-    monkeypatch.setattr(
-        orchestration, "send_plan", lambda *a: calls.append(("plan", *a))
-    )
-    monkeypatch.setattr(
-        orchestration, "send_chunk", lambda *a: calls.append(("chunk", *a))
-    )
-    monkeypatch.setattr(
-        orchestration, "send_finalize", lambda *a: calls.append(("finalize", *a))
-    )
-    monkeypatch.setattr(
-        workflows, "send_advance", lambda wr, **kw: calls.append(("advance", wr))
-    )
-    return calls
 
 
 def pipeline(sink, rows=20):

@@ -32,26 +32,35 @@ from transforms.engine.lineage import column_lineage
 from transforms.engine.masking import Secrets, encrypt_column
 from transforms.engine.planner import (
     BATCH_VIEW,
+    DUPES,
     ERR,
     RAISED,
     RAISED_MARK,
+    REF_POS,
+    REF_SOURCE,
     RID,
     STEP,
     Constants,
     Plan,
     PlanBuilder,
+    ReferenceTable,
     check_input_schema,
+    reference_tables,
 )
 from transforms.engine.steps import (
+    DEDUPE_KEY_COLUMN,
     ERROR_COLUMN,
     SOURCE_REF,
     STEP_COLUMN,
     AggregateStep,
+    DeduplicateStep,
+    EnrichStep,
     MapStep,
     MaskStep,
     Step,
     ValidateStep,
     parse_steps,
+    reference_columns,
 )
 
 # Errors a single row can cause (a user's CAST, an overflow, error(), a
@@ -70,6 +79,8 @@ MAX_DIAGNOSED_ROWS = 100
 MAX_BISECTED_ROWS = 100
 
 _SchemaKey = tuple[tuple[str, str], ...]
+# The input schema's key and the registered references' schema keys.
+_PlanKey = tuple[_SchemaKey, tuple[tuple[str, _SchemaKey], ...]]
 
 
 @dataclass
@@ -85,12 +96,16 @@ class EngineResult:
             ``map``, ``filter``, ``validate`` or ``aggregate``).
         filtered: rows dropped by filter steps (counted, not rejected).
         rows_in: rows in the input batch.
+        deduplicated: rows a deduplicate step dropped as duplicates within the
+            batch (of kept rows that reached the end: the duplicates of a row
+            a later filter drops count as filtered).
     """
 
     output: pa.Table
     rejected: pa.Table
     filtered: int
     rows_in: int
+    deduplicated: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,15 +134,21 @@ class CompiledPipeline:
         memory_limit: str = "1GB",
         input_schema: pa.Schema | None = None,
         secrets: Mapping[str, str] | None = None,
+        reference_schemas: Mapping[str, pa.Schema] | None = None,
     ) -> None:
         self.steps = list(steps)
+        self._needed = reference_columns(self.steps)
+        self._reference_tables: list[ReferenceTable] = reference_tables(self.steps)
+        # Reference name -> the object last registered (kept, so its id() is
+        # not reused) and the schema of its registered columns.
+        self._registered: dict[str, tuple[object, pa.Schema]] = {}
         self.timezone = timezone
         self._con: duckdb.DuckDBPyConnection | None = connect(
             timezone=timezone, threads=threads, memory_limit=memory_limit
         )
-        self._plans: dict[_SchemaKey, Plan] = {}
-        self._safe_plans: dict[_SchemaKey, Plan | None] = {}
-        self._aggregates: dict[_SchemaKey, AggregateQueries] = {}
+        self._plans: dict[_PlanKey, Plan] = {}
+        self._safe_plans: dict[_PlanKey, Plan | None] = {}
+        self._aggregates: dict[_PlanKey, AggregateQueries] = {}
         last = self.steps[-1] if self.steps else None
         self._aggregate = last if isinstance(last, AggregateStep) else None
         # The rows' schema before an aggregate (the output otherwise).
@@ -148,8 +169,21 @@ class CompiledPipeline:
                 self._static_aggregate = static_queries(
                     self.con, self._aggregate, self._static_rows
                 )
+            if reference_schemas is not None and self._needed:
+                self._register_references(
+                    {
+                        name: reference_schemas[name].empty_table()
+                        for name in self._needed
+                        if name in reference_schemas
+                    },
+                    complete=False,
+                )
             if input_schema is not None:
-                self._plan(_without_view_types(input_schema.empty_table()).schema)
+                schema = _without_view_types(input_schema.empty_table()).schema
+                if set(self._registered) == set(self._needed):
+                    self._plan(schema)
+                else:
+                    check_input_schema(schema)
         except BaseException:
             self.close()
             raise
@@ -197,6 +231,39 @@ class CompiledPipeline:
         return self._aggregate is not None
 
     @property
+    def references(self) -> dict[str, list[str]]:
+        """Each reference dataset the pipeline reads -> the columns it needs
+        (enrich keys and the columns its fields read, referential columns):
+        load only these and pass them to ``run(..., references=...)``."""
+        return {name: list(columns) for name, columns in self._needed.items()}
+
+    @property
+    def dedupe_key_column(self) -> str | None:
+        """The output column holding each row's deduplicate key hash
+        (``_dedupe_key``), for run-wide deduplication by the caller; None
+        without a deduplicate step, and for an aggregate pipeline."""
+        if self._aggregate is not None:
+            return None
+        if any(isinstance(step, DeduplicateStep) for step in self.steps):
+            return DEDUPE_KEY_COLUMN
+        return None
+
+    @property
+    def unique_columns(self) -> dict[str, str]:
+        """Each field with a ``unique`` rule -> the output column holding its
+        value hashes (``_unique_<field>``), for run-wide checks by the caller;
+        empty for an aggregate pipeline."""
+        if self._aggregate is not None:
+            return {}
+        found: dict[str, str] = {}
+        for step in self.steps:
+            if isinstance(step, ValidateStep):
+                for rule in step.rules:
+                    if rule.kind == "unique":
+                        found.setdefault(rule.field, f"_unique_{rule.field}")
+        return found
+
+    @property
     def final_schema(self) -> pa.Schema:
         """The schema of the pipeline's result: for an aggregate pipeline, of
         ``merge_partials``'s output (group keys, then one column per
@@ -222,11 +289,10 @@ class CompiledPipeline:
                 *self._aggregate.group_by,
                 *(m.name for m in self._aggregate.measures),
             ]
+        elif self._static_rows is not None:
+            outputs = self._static_rows.names
         else:
-            maps = [step for step in self.steps if isinstance(step, MapStep)]
-            outputs = (
-                [f.name for f in maps[-1].fields] if maps else self.output_schema.names
-            )
+            outputs = self.output_schema.names
         return column_lineage(self.steps, outputs)
 
     def merge_partials(
@@ -266,11 +332,20 @@ class CompiledPipeline:
             self.con, self._aggregate, partials, list(partial_tables), final=final
         )
 
-    def run(self, batch: pa.RecordBatch | pa.Table) -> EngineResult:
+    def run(
+        self,
+        batch: pa.RecordBatch | pa.Table,
+        *,
+        references: Mapping[str, pa.Table | pa.RecordBatch] | None = None,
+    ) -> EngineResult:
         """Run the pipeline over one batch.
 
         Args:
             batch: the source records, with a ``_source_ref`` column.
+            references: each reference dataset the pipeline reads, by name
+                (see ``references``): at least the columns it needs. A table
+                is registered with DuckDB once and reused while the same
+                object is passed again; a different object replaces it.
 
         Returns:
             The output rows, the rejected rows (with their original values) and
@@ -280,8 +355,11 @@ class CompiledPipeline:
             InputSchemaError: no ``_source_ref`` column, or a reserved name.
             StepConfigError: an expression does not bind against the batch's
                 columns (checked once per new input schema).
-            EngineError: the query failed for a reason no row explains.
+            EngineError: the query failed for a reason no row explains, or a
+                reference dataset is missing or lacks a needed column.
         """
+        if self._needed:
+            self._register_references(references or {}, complete=True)
         table = (
             pa.Table.from_batches([batch])
             if isinstance(batch, pa.RecordBatch)
@@ -296,13 +374,18 @@ class CompiledPipeline:
             result = self._execute(plan, work)
         except ROW_ERRORS:
             result, failures = self._recover(table.schema, plan, work)
+        if plan.reorders:
+            result = _in_input_order(result)
 
+        deduplicated = 0
+        if plan.counts_dupes:
+            deduplicated = int(pc.sum(result.column(DUPES)).as_py() or 0)
         ok = pc.is_null(result.column(ERR))
         good = result.filter(ok)
         bad = result.filter(pc.invert(ok))
         if pc.any(pc.is_valid(bad.column(RAISED))).as_py():
             bad = self._diagnose_raised(table.schema, bad, work)
-        filtered = rows_in - result.num_rows - len(failures)
+        filtered = rows_in - result.num_rows - len(failures) - deduplicated
         if plan.json_checks:
             good, invalid = self._check_json(plan, good)
             failures = [*failures, *invalid]
@@ -313,11 +396,17 @@ class CompiledPipeline:
             output = output.set_column(index, output.schema.field(index), tokens)
         if self._aggregate is not None:
             output = self._partials(table.schema, output)
+        else:
+            for hidden, name in plan.exposed:
+                output = output.append_column(
+                    pa.field(name, pa.string()), good.column(hidden)
+                )
         return EngineResult(
             output=output,
             rejected=_rejected(table, bad, failures),
             filtered=filtered,
             rows_in=rows_in,
+            deduplicated=deduplicated,
         )
 
     def close(self) -> None:
@@ -351,8 +440,82 @@ class CompiledPipeline:
     def _registered_empty(self, schema: pa.Schema) -> pa.Table:
         return schema.empty_table().append_column(RID, pa.array([], pa.int64()))
 
+    def _key(self, schema: pa.Schema) -> _PlanKey:
+        """A plan's cache key: the input schema and the references'."""
+        refs = tuple(
+            (name, _schema_key(self._registered[name][1]))
+            for name in sorted(self._registered)
+        )
+        return _schema_key(schema), refs
+
+    def _register_references(
+        self, references: Mapping[str, pa.Table | pa.RecordBatch], *, complete: bool
+    ) -> None:
+        """Register the reference datasets not registered yet as these objects.
+
+        Each is cut to its needed columns and materialised into the tables
+        the steps read (enrich: one row per key, the first; referential: the
+        distinct values), once per distinct object.
+
+        Raises:
+            EngineError: a needed reference is missing (``complete``), lacks a
+                column, or does not load.
+        """
+        for name, columns in self._needed.items():
+            given = references.get(name)
+            if given is None:
+                if complete:
+                    raise EngineError(
+                        f"reference dataset {name!r} is missing: pass it in "
+                        f"run(..., references={{{name!r}: table}})"
+                    )
+                continue
+            known = self._registered.get(name)
+            if known is not None and known[0] is given:
+                continue
+            self._load_reference(name, given, columns)
+
+    def _load_reference(
+        self, name: str, given: pa.Table | pa.RecordBatch, columns: Sequence[str]
+    ) -> None:
+        if isinstance(given, pa.RecordBatch):
+            table = pa.Table.from_batches([given])
+        elif isinstance(given, pa.Table):
+            table = given
+        else:
+            raise EngineError(
+                f"reference dataset {name!r} must be a pyarrow Table, "
+                f"not {type(given).__name__}"
+            )
+        actual = {c.lower(): c for c in table.schema.names}
+        missing = [c for c in columns if c.lower() not in actual]
+        if missing:
+            raise EngineError(
+                f"reference dataset {name!r} has no column {missing[0]!r} "
+                f"(it needs {', '.join(columns)})"
+            )
+        table = _without_view_types(table.select([actual[c.lower()] for c in columns]))
+        source = table.append_column(
+            REF_POS, pa.array(np.arange(table.num_rows, dtype=np.int64))
+        )
+        self.con.register(REF_SOURCE, source)
+        try:
+            for ref in self._reference_tables:
+                if ref.reference == name:
+                    self.con.execute(
+                        f"CREATE OR REPLACE TEMP TABLE {ref.name} AS {ref.sql}"
+                    )
+        except duckdb.Error as error:
+            self._registered.pop(name, None)
+            raise EngineError(
+                f"reference dataset {name!r} does not load: {first_line(error)}"
+            ) from error
+        finally:
+            self.con.unregister(REF_SOURCE)
+        self._registered[name] = (given, table.schema)
+
     def _plan(self, schema: pa.Schema) -> Plan:
-        key = _schema_key(schema)
+        key = self._key(schema)
         plan = self._plans.get(key)
         if plan is None:
             check_input_schema(schema)
@@ -381,7 +544,7 @@ class CompiledPipeline:
         )
 
     def _partials(self, schema: pa.Schema, rows: pa.Table) -> pa.Table:
-        partials = self._aggregates[_schema_key(schema)].partials(self.con, rows)
+        partials = self._aggregates[self._key(schema)].partials(self.con, rows)
         if self._static_aggregate is not None:
             partials = partials.cast(self._static_aggregate.partial_schema)
         return partials
@@ -415,7 +578,7 @@ class CompiledPipeline:
     def _safe_plan(self, schema: pa.Schema) -> Plan | None:
         """The TRY-wrapped plan, or None when DuckDB refuses TRY (volatile
         functions such as random() cannot be wrapped)."""
-        key = _schema_key(schema)
+        key = self._key(schema)
         if key not in self._safe_plans:
             self.con.register(BATCH_VIEW, self._registered_empty(schema))
             try:
@@ -559,12 +722,24 @@ def _static_rows_schema(steps: Sequence[Step]) -> pa.Schema | None:
     for step in steps:
         if isinstance(step, MapStep):
             schema = pa.schema([f.type.arrow_field(f.name) for f in step.fields])
+        elif isinstance(step, EnrichStep) and schema is not None:
+            for f in step.fields:
+                schema = schema.append(f.type.arrow_field(f.name))
         elif isinstance(step, MaskStep) and schema is not None:
             names = [n.lower() for n in schema.names]
             for f in step.fields:
                 index = names.index(f.name.lower())
                 schema = schema.set(index, pa.field(schema.names[index], pa.string()))
     return schema
+
+
+def _in_input_order(result: pa.Table) -> pa.Table:
+    """The result sorted by input row id (a join or window may reorder it);
+    unchanged, at the cost of one pass, when already in order."""
+    rids = result.column(RID).to_numpy()
+    if rids.size < 2 or bool(np.all(rids[1:] > rids[:-1])):
+        return result
+    return result.take(pa.array(np.argsort(rids, kind="stable")))
 
 
 def _schema_key(schema: pa.Schema) -> _SchemaKey:
@@ -601,12 +776,14 @@ def compile_steps(
     memory_limit: str = "1GB",
     input_schema: pa.Schema | None = None,
     secrets: Mapping[str, str] | None = None,
+    reference_schemas: Mapping[str, pa.Schema] | None = None,
 ) -> CompiledPipeline:
     """Check a step list and compile it for DuckDB.
 
     Args:
         steps: the step config: a list of ``map``, ``filter``, ``validate``,
-            ``mask`` and ``aggregate`` objects, run in order.
+            ``enrich``, ``deduplicate``, ``mask`` and ``aggregate`` objects,
+            run in order.
         timezone: IANA time zone of the session: naive strings cast to
             ``timestamptz`` are read in it, and so are SQL time functions.
         threads: DuckDB threads; 1 because workers are processes.
@@ -616,6 +793,9 @@ def compile_steps(
         secrets: values mask steps use, by name: ``mask_salt`` (sha256) and
             ``fernet_key`` (encrypt) unless a field names another. They are
             never put in SQL text, error messages or reprs.
+        reference_schemas: the schemas of the reference datasets enrich steps
+            and referential rules read, when known: with ``input_schema`` the
+            query is then planned (and checked) now.
 
     Returns:
         The compiled pipeline; ``close()`` it when done.
@@ -634,6 +814,7 @@ def compile_steps(
         memory_limit=memory_limit,
         input_schema=input_schema,
         secrets=secrets,
+        reference_schemas=reference_schemas,
     )
 
 

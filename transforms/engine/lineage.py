@@ -2,7 +2,8 @@
 
 Follows each field's expression back through the steps (a map's fields read
 the previous step's columns; a mask keeps a column's sources; filter and
-validate steps change no values, so they add none). Derived from the parsed
+validate steps change no values, so they add none; an enrich field reads
+``<reference>.<column>``). Derived from the parsed
 expressions, with sqlglot: no query runs.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from transforms.engine.expressions import expression_columns
-from transforms.engine.steps import AggregateStep, MapStep, Step
+from transforms.engine.steps import AggregateStep, EnrichStep, MapStep, Step
 
 
 def column_lineage(
@@ -41,6 +42,12 @@ def column_lineage(
     for step in steps:
         if isinstance(step, MapStep):
             sources = {f.name.lower(): reads(f.sql) for f in step.fields}
+        elif isinstance(step, EnrichStep):
+            # Enrich fields read the reference's columns: "airlines.name".
+            for f in step.fields:
+                sources[f.name.lower()] = {
+                    f"{step.reference}.{c}" for c in expression_columns(f.sql)
+                }
         elif isinstance(step, AggregateStep):
             after = {k.lower(): sources.get(k.lower(), {k}) for k in step.group_by}
             for m in step.measures:

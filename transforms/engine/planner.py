@@ -38,10 +38,14 @@ from transforms.engine.sql import (
     sql_string,
 )
 from transforms.engine.steps import (
+    DEDUPE_KEY_COLUMN,
     ERROR_COLUMN,
     SOURCE_REF,
     STEP_COLUMN,
+    UNIQUE_PREFIX,
     AggregateStep,
+    DeduplicateStep,
+    EnrichStep,
     FilterStep,
     MapField,
     MapStep,
@@ -65,6 +69,15 @@ INTERNAL_COLUMNS = (RID, ERR, STEP, RAISED)
 JSON_PREFIX = f"{INTERNAL_PREFIX}_json_"
 MEASURE_PREFIX = f"{INTERNAL_PREFIX}_measure_"
 MAX_VALUE_CHARS = 100
+# Reference datasets: the registered table, its row position, and the tables
+# materialised from it (see reference_tables).
+REF_SOURCE = f"{INTERNAL_PREFIX}_ref_source"
+REF_POS = f"{INTERNAL_PREFIX}_ref_pos"
+REF_VALUE = f"{INTERNAL_PREFIX}_ref_value"
+# Hidden columns of deduplicate: the key hash, and how many rows a kept row
+# stood for (its dropped duplicates).
+DEDUPE_KEY = f"{INTERNAL_PREFIX}_dedupe_key"
+DUPES = f"{INTERNAL_PREFIX}_dupes"
 # Stands for a DuckDB error message until the row is diagnosed.
 RAISED_MARK = "the expression raised an error"
 
@@ -107,6 +120,14 @@ class Plan:
     json_checks: list[tuple[Rule, str]] = field(default_factory=list)
     # Fields a last mask step encrypts, with their output column.
     encrypted: list[tuple[MaskField, str]] = field(default_factory=list)
+    # Hidden columns appended to the output after _source_ref: (hidden name,
+    # output name), e.g. the deduplicate key hash as ``_dedupe_key``.
+    exposed: list[tuple[str, str]] = field(default_factory=list)
+    # Whether a join or window may reorder rows (the result is then sorted
+    # back into input order).
+    reorders: bool = False
+    # Whether the rows carry DUPES (a deduplicate step).
+    counts_dupes: bool = False
 
     def query(self, *, upto: str | None = None, select: str | None = None) -> str:
         """SQL of the whole query, or of the CTEs up to ``upto`` (a CTE name).
@@ -136,10 +157,12 @@ def message_value(sql: str) -> str:
     )
 
 
-def _merge(step_kind: str) -> str:
-    """Select list folding the NEW/NEW_RAISED columns into the carried ones."""
+def _merge(step_kind: str, drop: Sequence[str] = ()) -> str:
+    """Select list folding the NEW/NEW_RAISED columns into the carried ones
+    (and leaving out the step's scratch columns ``drop``)."""
+    excluded = ", ".join([NEW, NEW_RAISED, *drop])
     return (
-        f"* EXCLUDE ({NEW}, {NEW_RAISED}) REPLACE ("
+        f"* EXCLUDE ({excluded}) REPLACE ("
         f"NULLIF(concat_ws('; ', {ERR}, {NEW}), '') AS {ERR}, "
         f"coalesce({STEP}, CASE WHEN {NEW} IS NOT NULL "
         f"THEN {sql_string(step_kind)} END) AS {STEP}, "
@@ -164,6 +187,84 @@ def _raised_message(label: str) -> str:
     return sql_string(f"{label}: {RAISED_MARK}")
 
 
+def key_text(sql: str, duckdb_type: str) -> str:
+    """SQL of one key value's stable text: ``N`` for NULL, else
+    ``V<length>:<text>`` (length-prefixed, so concatenations are unambiguous).
+
+    The text is DuckDB's VARCHAR cast; a ``timestamptz`` is first converted
+    to UTC so the text does not depend on the session time zone.
+    """
+    value = sql
+    if duckdb_type.upper() == "TIMESTAMP WITH TIME ZONE":
+        value = f"timezone('UTC', {sql})"
+    text = f"CAST({value} AS VARCHAR)"
+    return (
+        f"CASE WHEN {sql} IS NULL THEN 'N' "
+        f"ELSE 'V' || CAST(length({text}) AS VARCHAR) || ':' || {text} END"
+    )
+
+
+def stable_hash(parts: Sequence[tuple[str, str]]) -> str:
+    """SQL of the hex MD5 of key values ((SQL, DuckDB type) pairs): the same
+    in every process and DuckDB version (unlike DuckDB's ``hash()``)."""
+    return f"md5({' || '.join(key_text(sql, typ) for sql, typ in parts)})"
+
+
+@dataclass(frozen=True)
+class ReferenceTable:
+    """A DuckDB table materialised from a reference dataset when registered.
+
+    ``sql`` selects it from the registered dataset (``REF_SOURCE``, with its
+    row position ``REF_POS``): an enrich step's columns, one row per key
+    (the first); or a referential rule's distinct non-NULL values.
+    """
+
+    name: str
+    reference: str
+    sql: str
+
+
+def enrich_table(step: EnrichStep) -> str:
+    """Name of the table an enrich step joins."""
+    return f"{INTERNAL_PREFIX}_ref_e{step.index}"
+
+
+def referential_table(step: ValidateStep, position: int) -> str:
+    """Name of the table of a referential rule's allowed values."""
+    return f"{INTERNAL_PREFIX}_ref_v{step.index}_{position}"
+
+
+def reference_tables(steps: Sequence[Step]) -> list[ReferenceTable]:
+    """The tables to materialise from the reference datasets, in step order."""
+    tables: list[ReferenceTable] = []
+    for step in steps:
+        if isinstance(step, EnrichStep):
+            keys = ", ".join(quote_ident(ref) for _, ref in step.on)
+            columns = ", ".join(quote_ident(c) for c in step.reference_columns)
+            tables.append(
+                ReferenceTable(
+                    enrich_table(step),
+                    step.reference,
+                    f"SELECT {columns} FROM {REF_SOURCE} QUALIFY row_number() "
+                    f"OVER (PARTITION BY {keys} ORDER BY {REF_POS}) = 1",
+                )
+            )
+        elif isinstance(step, ValidateStep):
+            for position, rule in enumerate(step.rules):
+                if rule.kind != "referential" or not rule.reference:
+                    continue
+                column = quote_ident(rule.column or "")
+                tables.append(
+                    ReferenceTable(
+                        referential_table(step, position),
+                        rule.reference,
+                        f"SELECT DISTINCT {column} AS {REF_VALUE} "
+                        f"FROM {REF_SOURCE} WHERE {column} IS NOT NULL",
+                    )
+                )
+    return tables
+
+
 class Constants:
     """Config constants (defaults, bounds, enum values) checked and rendered.
 
@@ -186,6 +287,8 @@ class Constants:
                 types = {f.name.lower(): f.type for f in step.fields}
             elif isinstance(step, MaskStep) and types is not None:
                 types |= {f.name.lower(): FieldType("string") for f in step.fields}
+            elif isinstance(step, EnrichStep) and types is not None:
+                types |= {f.name.lower(): f.type for f in step.fields}
             elif isinstance(step, ValidateStep) and types is not None:
                 for rule in step.rules:
                     known = types.get(rule.field.lower())
@@ -356,6 +459,12 @@ class PlanBuilder:
                     types |= {f.name.lower(): FieldType("string") for f in step.fields}
             elif isinstance(step, AggregateStep):
                 self._add_aggregate(plan, step)
+            elif isinstance(step, EnrichStep):
+                self._add_enrich(plan, step)
+                if types is not None:
+                    types |= {f.name.lower(): f.type for f in step.fields}
+            elif isinstance(step, DeduplicateStep):
+                self._add_deduplicate(plan, step)
             else:
                 self._add_validate(plan, step, types)
 
@@ -375,6 +484,12 @@ class PlanBuilder:
             empty = self.con.sql(plan.query()).to_arrow_table()
         except duckdb.Error as error:
             raise StepConfigError(self._culprit(plan), first_line(error)) from error
+        exposed = {name.lower() for _, name in plan.exposed}
+        for c in data:
+            if c.lower() in exposed:
+                raise StepConfigError(
+                    "steps", f"column {c!r} clashes with a column the engine adds"
+                )
         ref = pa.field(SOURCE_REF, pa.string())
         if self.static_schema is not None:
             plan.output_schema = self.static_schema.append(ref)
@@ -536,6 +651,9 @@ class PlanBuilder:
         cte = f"{_CTE}v{step.index}"
         column_types = self.column_types(plan, prev)
         columns = {c.lower(): c for c in column_types}
+        scratch = self._add_set_checks(plan, step, columns, column_types)
+        if scratch:
+            prev = plan.ctes[-1].name
         messages: list[str] = []
         flags: list[tuple[str, int]] = []
         paths: list[tuple[str, str]] = []
@@ -560,6 +678,21 @@ class PlanBuilder:
                 hidden.append((_json_text(column, column_types[column]), name))
                 plan.json_checks.append((rule, name))
                 continue
+            if rule.kind == "unique" and column is not None:
+                name = f"{INTERNAL_PREFIX}_unique_{step.index}_{len(hidden)}"
+                f = quote_ident(column)
+                hidden.append(
+                    (
+                        f"CASE WHEN {f} IS NOT NULL THEN "
+                        f"{stable_hash([(f, column_types[column])])} END",
+                        name,
+                    )
+                )
+                exposed = f"{UNIQUE_PREFIX}{rule.field}"
+                if all(e.lower() != exposed.lower() for _, e in plan.exposed):
+                    plan.exposed.append((name, exposed))
+            if rule.kind in ("unique", "referential"):
+                constants = {"flag": scratch[id(rule)]}
             if rule.kind == "expr":
                 self._check_predicate(plan, prev, rule)
                 constants = {
@@ -594,7 +727,248 @@ class PlanBuilder:
         )
         self.hidden.extend(n for _, n in hidden)
         self._bind(plan, prev, paths)
-        plan.ctes.append(Cte(cte, f"SELECT {_merge('validate')} FROM {cte}_checked"))
+        drop = list(scratch.values())
+        plan.ctes.append(
+            Cte(cte, f"SELECT {_merge('validate', drop)} FROM {cte}_checked")
+        )
+
+    def _add_set_checks(
+        self,
+        plan: Plan,
+        step: ValidateStep,
+        columns: Mapping[str, str],
+        column_types: Mapping[str, str],
+    ) -> dict[int, str]:
+        """CTE computing what unique and referential rules need, per row: the
+        occurrence number of the value among the rows not yet in error, and
+        whether the value is in the reference. Subqueries and windows stay out
+        of the rule expressions, so the safe plan can TRY them.
+
+        Returns:
+            ``id(rule)`` -> its scratch column (empty when no such rule).
+        """
+        prev = plan.ctes[-1].name
+        scratch: dict[int, str] = {}
+        select: list[str] = []
+        for position, rule in enumerate(step.rules):
+            if rule.kind not in ("unique", "referential"):
+                continue
+            column = columns.get(rule.field.lower())
+            if column is None or column.lower().startswith(INTERNAL_PREFIX):
+                raise StepConfigError(rule.path, f"unknown field {rule.field!r}")
+            f = quote_ident(column)
+            name = f"{INTERNAL_PREFIX}_set_{step.index}_{position}"
+            if rule.kind == "unique":
+                select.append(
+                    f"row_number() OVER (PARTITION BY {f}, ({ERR} IS NULL) "
+                    f"ORDER BY {RID}) AS {name}"
+                )
+            else:
+                table = referential_table(step, position)
+                select.append(f"({f} IN (SELECT {REF_VALUE} FROM {table})) AS {name}")
+            scratch[id(rule)] = name
+        if not scratch:
+            return scratch
+        plan.reorders = True
+        cte = f"{_CTE}v{step.index}_sets"
+        plan.ctes.append(Cte(cte, f"SELECT *, {', '.join(select)} FROM {prev}"))
+        try:
+            self.column_types(plan, cte)
+        except duckdb.Error as error:
+            for rule in step.rules:
+                if id(rule) in scratch:
+                    one = f"SELECT {scratch[id(rule)]} FROM {cte}"
+                    try:
+                        _ = self.con.sql(plan.query(upto=cte, select=one)).types
+                    except duckdb.Error as rule_error:
+                        raise StepConfigError(
+                            rule.path, first_line(rule_error)
+                        ) from error
+            raise StepConfigError(f"steps[{step.index}]", first_line(error)) from error
+        return scratch
+
+    def _add_enrich(self, plan: Plan, step: EnrichStep) -> None:
+        """CTEs of an enrich step: the fields computed and strictly cast once
+        per reference row, then a LEFT JOIN of the rows on the key."""
+        prev = plan.ctes[-1].name
+        cte = f"{_CTE}e{step.index}"
+        path = f"steps[{step.index}]"
+        columns = {c.lower(): c for c in self.column_types(plan, prev)}
+        for f in step.fields:
+            if f.name.lower() in columns:
+                raise StepConfigError(f.path, f"{f.name!r} is already a column")
+        table = enrich_table(step)
+        plan.ctes.append(Cte(f"{cte}_src", f"SELECT * FROM {table}"))
+        count = len(step.fields)
+        keys = [f"{INTERNAL_PREFIX}_key_{n}" for n in range(len(step.on))]
+        raw = [f"{INTERNAL_PREFIX}_raw_{n}" for n in range(count)]
+        raised = [f"{INTERNAL_PREFIX}_raised_{n}" for n in range(count)]
+        present = [f"{INTERNAL_PREFIX}_present_{n}" for n in range(count)]
+        value = [f"{INTERNAL_PREFIX}_value_{n}" for n in range(count)]
+        select = [
+            f"{quote_ident(ref)} AS {k}"
+            for (_, ref), k in zip(step.on, keys, strict=True)
+        ]
+        # Fields are computed once per reference row, so they are always
+        # TRY-wrapped (a raising value is an error of the rows that match it);
+        # a probe recomputes the value of one row's match (run over that one
+        # row: a semi join, so only the matching reference row is evaluated).
+        match = " AND ".join(
+            f"{_CTE}s.{quote_ident(ref)} = {_CTE}q.{quote_ident(column)}"
+            for column, ref in step.on
+        )
+        flags: list[tuple[str, int]] = []
+        for f, r, flag in zip(step.fields, raw, raised, strict=True):
+            probe_sql = (
+                f"(SELECT {f.sql} FROM {table} AS {_CTE}s "
+                f"SEMI JOIN {prev} AS {_CTE}q ON {match})"
+            )
+            probe = Probe(step, f.path, f.name, probe_sql, prev)
+            flags.append((flag, self._add_probe(plan, probe)))
+            select.append(f"TRY({f.sql}) AS {r}, {_raises(f.sql)} AS {flag}")
+        plan.ctes.append(
+            Cte(f"{cte}_raw", f"SELECT {', '.join(select)} FROM {cte}_src")
+        )
+        self._bind(plan, f"{cte}_src", [(f.path, f.sql) for f in step.fields])
+        raw_types = self.column_types(plan, f"{cte}_raw")
+        casts = [
+            strict_cast(raw_types[r], f.type, raw=r, present=p)
+            for f, r, p in zip(step.fields, raw, present, strict=True)
+        ]
+        selected = ", ".join(
+            f"{c.present} AS {p}" for c, p in zip(casts, present, strict=True)
+        )
+        plan.ctes.append(Cte(f"{cte}_present", f"SELECT *, {selected} FROM {cte}_raw"))
+        selected = ", ".join(
+            f"{c.value} AS {v}" for c, v in zip(casts, value, strict=True)
+        )
+        plan.ctes.append(
+            Cte(f"{cte}_value", f"SELECT *, {selected} FROM {cte}_present")
+        )
+        errors = [
+            _field_error(
+                f,
+                raw[n],
+                present[n],
+                value[n],
+                raised=raised[n],
+                has_default=False,
+            )
+            for n, f in enumerate(step.fields)
+        ]
+        ref_err, ref_raised = (
+            f"{INTERNAL_PREFIX}_ref_err",
+            f"{INTERNAL_PREFIX}_ref_raised",
+        )
+        fields = ", ".join(
+            f"CAST({v} AS {f.type.sql}) AS {v}"
+            for f, v in zip(step.fields, value, strict=True)
+        )
+        plan.ctes.append(
+            Cte(
+                f"{cte}_ref",
+                f"SELECT {', '.join(keys)}, {fields}, "
+                f"NULLIF(concat_ws('; ', {', '.join(errors)}), '') AS {ref_err}, "
+                f"{_first_raised(flags)} AS {ref_raised} FROM {cte}_value",
+            )
+        )
+        try:
+            self.column_types(plan, f"{cte}_ref")
+        except duckdb.Error as error:
+            raise StepConfigError(path, first_line(error)) from error
+
+        conditions: list[str] = []
+        shown: list[str] = []
+        for (column, _ref), k in zip(step.on, keys, strict=True):
+            actual = columns.get(column.lower())
+            if actual is None or actual.lower().startswith(INTERNAL_PREFIX):
+                raise StepConfigError(
+                    f"{path}.on ({column})", f"unknown column {column!r}"
+                )
+            q = f"{_CTE}p.{quote_ident(actual)}"
+            conditions.append(f"{q} = {_CTE}r.{k}")
+            shown.append(
+                f"{sql_string(column + ': ')} || coalesce({sql_string(chr(39))} || "
+                f"{message_value(q)} || {sql_string(chr(39))}, 'NULL')"
+            )
+        missing = "NULL"
+        if step.required:
+            suffix = sql_string(f" has no match in reference {step.reference}")
+            missing = (
+                f"{' || '.join(shown)} || {suffix}"
+                if len(shown) == 1
+                else (f"concat_ws(', ', {', '.join(shown)}) || {suffix}")
+            )
+        outputs = ", ".join(
+            f"{_CTE}r.{v} AS {quote_ident(f.name)}"
+            for f, v in zip(step.fields, value, strict=True)
+        )
+        plan.ctes.append(
+            Cte(
+                f"{cte}_checked",
+                f"SELECT {_CTE}p.*, {outputs}, "
+                f"CASE WHEN {_CTE}r.{keys[0]} IS NULL THEN {missing} "
+                f"ELSE {_CTE}r.{ref_err} END AS {NEW}, "
+                f"{_CTE}r.{ref_raised} AS {NEW_RAISED} "
+                f"FROM {prev} AS {_CTE}p LEFT JOIN {cte}_ref AS {_CTE}r "
+                f"ON {' AND '.join(conditions)}",
+            )
+        )
+        try:
+            self.column_types(plan, f"{cte}_checked")
+        except duckdb.Error as error:
+            raise StepConfigError(f"{path}.on", first_line(error)) from error
+        plan.ctes.append(Cte(cte, f"SELECT {_merge('enrich')} FROM {cte}_checked"))
+        plan.reorders = True
+        self.column_types(plan, cte)
+
+    def _add_deduplicate(self, plan: Plan, step: DeduplicateStep) -> None:
+        """CTEs of a deduplicate step: number each key's rows (not in error)
+        in input order, keep the first or last, hash the key."""
+        prev = plan.ctes[-1].name
+        cte = f"{_CTE}d{step.index}"
+        column_types = self.column_types(plan, prev)
+        columns = {c.lower(): c for c in column_types}
+        keys: list[str] = []
+        parts: list[tuple[str, str]] = []
+        for position, key in enumerate(step.key):
+            column = columns.get(key.lower())
+            if column is None or column.lower().startswith(INTERNAL_PREFIX):
+                raise StepConfigError(
+                    f"steps[{step.index}].key[{position}] ({key})",
+                    f"unknown column {key!r}",
+                )
+            keys.append(quote_ident(column))
+            parts.append((quote_ident(column), column_types[column]))
+        order = "DESC" if step.keep == "last" else "ASC"
+        window = f"PARTITION BY {', '.join(keys)}, ({ERR} IS NULL)"
+        rank = f"{INTERNAL_PREFIX}_rank"
+        plan.ctes.append(
+            Cte(
+                f"{cte}_ranked",
+                f"SELECT *, row_number() OVER ({window} ORDER BY {RID} {order}) "
+                f"AS {rank}, CASE WHEN {ERR} IS NULL THEN count(*) OVER ({window}) "
+                f"- 1 ELSE 0 END AS {INTERNAL_PREFIX}_dropped, "
+                f"{stable_hash(parts)} AS {DEDUPE_KEY} FROM {prev}",
+            )
+        )
+        dupes = f"{INTERNAL_PREFIX}_dropped"
+        if plan.counts_dupes:
+            raise StepConfigError(
+                f"steps[{step.index}]", "only one deduplicate step is allowed"
+            )
+        plan.ctes.append(
+            Cte(
+                cte,
+                f"SELECT * EXCLUDE ({rank}, {dupes}), {dupes} AS {DUPES} "
+                f"FROM {cte}_ranked WHERE {ERR} IS NOT NULL OR {rank} = 1",
+            )
+        )
+        self.hidden.extend([DEDUPE_KEY, DUPES])
+        plan.exposed.append((DEDUPE_KEY, DEDUPE_KEY_COLUMN))
+        plan.counts_dupes = True
+        plan.reorders = True
+        self.column_types(plan, cte)
 
     def _check_predicate(self, plan: Plan, source: str, rule: Rule) -> None:
         """Refuse an expr rule that is not a boolean predicate.
@@ -723,6 +1097,20 @@ def _rule_error(rule: Rule, column: str, constants: Mapping[str, Any]) -> str:
     quote = chr(39)
     if rule.kind == "not_null":
         return f"CASE WHEN {f} IS NULL THEN {sql_string(f'{name}: is null')} END"
+    if rule.kind == "unique":
+        # Only rows not in error count; the first occurrence passes.
+        return (
+            f"CASE WHEN {f} IS NOT NULL AND {ERR} IS NULL "
+            f"AND {constants['flag']} > 1 THEN {sql_string(f'{name}: {quote}')} "
+            f"|| {shown} || {sql_string(f'{quote} is not unique')} END"
+        )
+    if rule.kind == "referential":
+        target = f"{rule.reference}.{rule.column}"
+        return (
+            f"CASE WHEN {f} IS NOT NULL AND NOT {constants['flag']} "
+            f"THEN {sql_string(f'{name}: {quote}')} || {shown} || "
+            f"{sql_string(f'{quote} is not in {target}')} END"
+        )
     if rule.kind == "length":
         branches = []
         for bound, op, word in (

@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transforms.engine.exceptions import StepConfigError
-from transforms.engine.expressions import INTERNAL_PREFIX, check_expression
+from transforms.engine.expressions import (
+    INTERNAL_PREFIX,
+    check_expression,
+    expression_columns,
+)
 from transforms.engine.fieldtypes import (
     DEFAULT_PRECISION,
     DEFAULT_SCALE,
@@ -25,8 +29,21 @@ from transforms.engine.sql import Scalar, quote_ident
 SOURCE_REF = "_source_ref"
 ERROR_COLUMN = "_error"
 STEP_COLUMN = "_step"
-RESERVED_NAMES = frozenset({SOURCE_REF, ERROR_COLUMN, STEP_COLUMN})
-RULE_KINDS = ("not_null", "range", "regex", "enum", "length", "expr", "json_schema")
+DEDUPE_KEY_COLUMN = "_dedupe_key"
+RESERVED_NAMES = frozenset({SOURCE_REF, ERROR_COLUMN, STEP_COLUMN, DEDUPE_KEY_COLUMN})
+UNIQUE_PREFIX = "_unique_"
+RULE_KINDS = (
+    "not_null",
+    "range",
+    "regex",
+    "enum",
+    "length",
+    "expr",
+    "json_schema",
+    "referential",
+    "unique",
+)
+KEEP_CHOICES = ("first", "last")
 MASK_METHODS = ("redact", "sha256", "encrypt")
 MEASURE_FNS = ("count", "sum", "min", "max", "avg", "count_distinct")
 # The secret each masking method reads unless the field names another one.
@@ -44,6 +61,8 @@ _RULE_KEYS: dict[str, frozenset[str]] = {
     "length": frozenset({"field", "rule", "min", "max", "description"}),
     "expr": frozenset({"field", "rule", "expr", "message", "description"}),
     "json_schema": frozenset({"field", "rule", "schema", "description"}),
+    "referential": frozenset({"field", "rule", "reference", "column", "description"}),
+    "unique": frozenset({"field", "rule", "description"}),
 }
 _MASK_KEYS: dict[str, frozenset[str]] = {
     "redact": frozenset({"name", "method", "keep_last", "description"}),
@@ -57,6 +76,10 @@ _STEP_KEYS: dict[str, frozenset[str]] = {
     "validate": frozenset({"type", "rules", "description"}),
     "mask": frozenset({"type", "fields", "description"}),
     "aggregate": frozenset({"type", "group_by", "measures", "description"}),
+    "enrich": frozenset(
+        {"type", "reference", "on", "fields", "required", "description"}
+    ),
+    "deduplicate": frozenset({"type", "key", "keep", "description"}),
 }
 
 
@@ -107,6 +130,8 @@ class Rule:
     sql: str | None = None
     message: str | None = None
     schema: Mapping[str, Any] | bool | None = None
+    reference: str | None = None
+    column: str | None = None
 
     @property
     def label(self) -> str:
@@ -168,7 +193,81 @@ class AggregateStep:
     kind: str = "aggregate"
 
 
-Step = MapStep | FilterStep | ValidateStep | MaskStep | AggregateStep
+@dataclass(frozen=True)
+class EnrichStep:
+    """Adds fields computed from the matching row of a reference dataset.
+
+    ``on`` pairs each pipeline column with a reference column (all must be
+    equal for a match); ``fields`` are expressions over the reference's
+    columns, cast strictly like map fields. A row without a match gets NULL
+    fields, or a row error when ``required``.
+    """
+
+    index: int
+    reference: str
+    on: tuple[tuple[str, str], ...]
+    fields: tuple[MapField, ...]
+    required: bool = False
+    kind: str = "enrich"
+
+    @property
+    def reference_columns(self) -> list[str]:
+        """The reference columns the step reads: its keys, then its fields'."""
+        return _unique_names(
+            [ref for _, ref in self.on]
+            + [c for f in self.fields for c in expression_columns(f.sql)]
+        )
+
+
+@dataclass(frozen=True)
+class DeduplicateStep:
+    """Keeps one row per key within the batch (the first or the last)."""
+
+    index: int
+    key: tuple[str, ...]
+    keep: str = "first"
+    kind: str = "deduplicate"
+
+
+Step = (
+    MapStep
+    | FilterStep
+    | ValidateStep
+    | MaskStep
+    | AggregateStep
+    | EnrichStep
+    | DeduplicateStep
+)
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+    """The names in order, each once (compared case-insensitively)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        seen.setdefault(name.lower(), name)
+    return list(seen.values())
+
+
+def reference_columns(steps: Sequence[Step]) -> dict[str, list[str]]:
+    """Each reference dataset the steps read -> the columns they read from it.
+
+    Join keys and the columns enrich fields read, and the columns referential
+    rules check; in order of first use, each once.
+    """
+    needed: dict[str, list[str]] = {}
+    for step in steps:
+        if isinstance(step, EnrichStep):
+            columns = step.reference_columns
+            needed[step.reference] = _unique_names(
+                [*needed.get(step.reference, []), *columns]
+            )
+        elif isinstance(step, ValidateStep):
+            for rule in step.rules:
+                if rule.kind == "referential" and rule.reference and rule.column:
+                    needed[rule.reference] = _unique_names(
+                        [*needed.get(rule.reference, []), rule.column]
+                    )
+    return needed
 
 
 def _check_keys(raw: Mapping[str, Any], allowed: frozenset[str], path: str) -> None:
@@ -234,6 +333,14 @@ def parse_steps(
             step = _parse_mask(index, raw, columns)
         elif kind == "aggregate":
             step = _parse_aggregate(index, raw, columns)
+        elif kind == "enrich":
+            step = _parse_enrich(index, raw, columns)
+            if columns is not None:
+                columns = [*columns, *(f.name for f in step.fields)]
+        elif kind == "deduplicate":
+            if any(isinstance(p, DeduplicateStep) for p in parsed):
+                raise StepConfigError(path, "only one deduplicate step is allowed")
+            step = _parse_deduplicate(index, raw, columns)
         else:
             step = _parse_validate(index, raw, columns)
         parsed.append(step)
@@ -385,8 +492,17 @@ def _parse_rule(
             raise StepConfigError(path, "schema must be a JSON Schema object")
         # The compiler checks the schema itself (Draft 2020-12).
         return Rule(field=field_name, kind=kind, path=path, schema=schema)
-    if kind == "not_null":
+    if kind in ("not_null", "unique"):
         return Rule(field=field_name, kind=kind, path=path)
+    if kind == "referential":
+        reference, column = spec.get("reference"), spec.get("column")
+        if not isinstance(reference, str) or not reference:
+            raise StepConfigError(path, "reference must be a reference dataset's name")
+        if not isinstance(column, str) or not column:
+            raise StepConfigError(path, "column must be a non-empty string")
+        return Rule(
+            field=field_name, kind=kind, path=path, reference=reference, column=column
+        )
     if kind == "range":
         minimum, maximum = spec.get("min"), spec.get("max")
         if minimum is None and maximum is None:
@@ -532,3 +648,85 @@ def _parse_aggregate(
             sql = check_expression(expr, path=measure_path, columns=columns)
         out.append(Measure(name=name, fn=fn, path=measure_path, sql=sql))
     return AggregateStep(index=index, group_by=tuple(group_by), measures=tuple(out))
+
+
+def _parse_enrich(
+    index: int, raw: Mapping[str, Any], columns: Sequence[str] | None
+) -> EnrichStep:
+    path = f"steps[{index}]"
+    reference = raw.get("reference")
+    if not isinstance(reference, str) or not reference:
+        raise StepConfigError(f"{path}.reference", "must be a reference dataset's name")
+    on = raw.get("on")
+    if not isinstance(on, Mapping) or not on:
+        raise StepConfigError(
+            f"{path}.on", "must map pipeline columns to reference columns"
+        )
+    known = {c.lower() for c in columns} if columns is not None else None
+    pairs: list[tuple[str, str]] = []
+    for column, ref_column in on.items():
+        key_path = f"{path}.on ({column})"
+        if not isinstance(column, str) or not column:
+            raise StepConfigError(key_path, "keys must be column names")
+        if not isinstance(ref_column, str) or not ref_column:
+            raise StepConfigError(key_path, "must name a reference column")
+        if column.lower().startswith(INTERNAL_PREFIX) or column == SOURCE_REF:
+            raise StepConfigError(key_path, f"column {column!r} is reserved")
+        if known is not None and column.lower() not in known:
+            raise StepConfigError(key_path, f"unknown column {column!r}")
+        pairs.append((column, ref_column))
+    required = raw.get("required", False)
+    if not isinstance(required, bool):
+        raise StepConfigError(f"{path}.required", "must be true or false")
+    fields = raw.get("fields")
+    if not isinstance(fields, list) or not fields:
+        raise StepConfigError(f"{path}.fields", "must be a non-empty list")
+    seen: set[str] = set()
+    out: list[MapField] = []
+    for position, spec in enumerate(fields):
+        field_path = f"{path}.fields[{position}]"
+        # Expressions read the reference's columns, not known before run time.
+        parsed = _parse_field(field_path, spec, None, seen)
+        if parsed.required or parsed.default is not None:
+            raise StepConfigError(
+                parsed.path,
+                "enrich fields take no required or default; use the step's required",
+            )
+        if known is not None and parsed.name.lower() in known:
+            raise StepConfigError(parsed.path, f"{parsed.name!r} is already a column")
+        out.append(parsed)
+    return EnrichStep(
+        index=index,
+        reference=reference,
+        on=tuple(pairs),
+        fields=tuple(out),
+        required=required,
+    )
+
+
+def _parse_deduplicate(
+    index: int, raw: Mapping[str, Any], columns: Sequence[str] | None
+) -> DeduplicateStep:
+    path = f"steps[{index}]"
+    key = raw.get("key")
+    if (
+        not isinstance(key, list)
+        or not key
+        or not all(isinstance(k, str) and k for k in key)
+    ):
+        raise StepConfigError(f"{path}.key", "must be a non-empty list of columns")
+    known = {c.lower() for c in columns} if columns is not None else None
+    seen: set[str] = set()
+    for position, column in enumerate(key):
+        key_path = f"{path}.key[{position}] ({column})"
+        if column.lower().startswith(INTERNAL_PREFIX) or column == SOURCE_REF:
+            raise StepConfigError(key_path, f"column {column!r} is reserved")
+        if known is not None and column.lower() not in known:
+            raise StepConfigError(key_path, f"unknown column {column!r}")
+        if column.lower() in seen:
+            raise StepConfigError(key_path, f"duplicate column {column!r}")
+        seen.add(column.lower())
+    keep = raw.get("keep", "first")
+    if keep not in KEEP_CHOICES:
+        raise StepConfigError(f"{path}.keep", "must be 'first' or 'last'")
+    return DeduplicateStep(index=index, key=tuple(key), keep=keep)

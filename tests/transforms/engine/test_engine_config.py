@@ -83,7 +83,7 @@ def flight_map(*extra: dict[str, Any]) -> dict[str, Any]:
         pytest.param(
             [{"type": "mapp", "fields": []}],
             "steps[0].type: unknown step type 'mapp'; "
-            "use map, filter, validate, mask, aggregate",
+            "use map, filter, validate, mask, aggregate, enrich, deduplicate",
             id="unknown-step",
         ),
         pytest.param(
@@ -113,7 +113,8 @@ def flight_map(*extra: dict[str, Any]) -> dict[str, Any]:
                 {"type": "validate", "rules": [{"field": "flight", "rule": "max"}]},
             ],
             "steps[1].rules[0] (flight): unknown rule 'max'; "
-            "use not_null, range, regex, enum, length, expr, json_schema",
+            "use not_null, range, regex, enum, length, expr, json_schema, "
+            "referential, unique",
             id="unknown-rule",
         ),
         pytest.param(
