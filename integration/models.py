@@ -57,6 +57,13 @@ class Pipeline(models.Model):
     sink = models.ForeignKey(
         Connector, on_delete=models.PROTECT, related_name="sink_pipelines"
     )
+    references = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Reference datasets for enrich steps and referential rules: "
+        '{"airlines": {"connector": "warehouse", "options": {"table": "airlines"}, '
+        '"ttl_seconds": 600}}',
+    )
     sink_options = models.JSONField(
         default=dict, blank=True, help_text="Where to write: table, write_mode, key..."
     )
@@ -145,6 +152,7 @@ class Pipeline(models.Model):
         return {
             "source": {"connector": self.source_id, "options": self.source_options},
             "steps": self.steps,
+            "references": self.references,
             "sink": {"connector": self.sink_id, "options": self.sink_options},
             "mode": self.mode,
             "chunk_rows": self.chunk_rows,
@@ -319,6 +327,8 @@ class ChunkRun(models.Model):
     records_written = models.BigIntegerField(default=0)
     records_rejected = models.BigIntegerField(default=0)
     records_filtered = models.BigIntegerField(default=0)
+    #: Engine statistics of the chunk (reference cache hits and misses...).
+    stats = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
     queued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

@@ -41,4 +41,7 @@ def open_sink(connector_id: int) -> Any:
 
 def reset() -> None:
     """Forget cached objects (tests, and after a fork)."""
+    from integration import references
+
     compiled_version.cache_clear()
+    references.clear_local()

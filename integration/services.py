@@ -69,11 +69,47 @@ def validate_definition(pipeline: Pipeline) -> None:
     from transforms.engine import StepConfigError, compile_steps
 
     try:
-        compile_steps(pipeline.steps).close()
+        compiled = compile_steps(pipeline.steps)
     except StepConfigError as exc:
         errors["steps"] = str(exc)
+    else:
+        try:
+            if compiled.dedupe_key_column or compiled.unique_columns:
+                errors["steps"] = (
+                    "deduplicate steps and unique rules are exact only across a "
+                    "whole run, which runs do not support yet"
+                )
+            reference_errors = _check_references(pipeline, compiled.references)
+            if reference_errors:
+                errors["references"] = reference_errors
+        finally:
+            compiled.close()
     if errors:
         raise ValidationError(errors)
+
+
+def _check_references(pipeline: Pipeline, needed: dict[str, list[str]]) -> str:
+    """What is wrong with the pipeline's reference definitions ("" if nothing)."""
+    from connectors.models import Connector
+
+    defined = pipeline.references or {}
+    if not isinstance(defined, dict):
+        return "must be an object: name -> {connector, options, ttl_seconds}"
+    missing = sorted(set(needed) - set(defined))
+    if missing:
+        return f"steps use undefined reference(s): {', '.join(missing)}"
+    for name, ref in defined.items():
+        if not isinstance(ref, dict) or not isinstance(ref.get("connector"), str):
+            return f"{name}: needs a connector name"
+        connector = Connector.objects.filter(name=ref["connector"]).first()
+        if connector is None:
+            return f"{name}: no connector named {ref['connector']!r}"
+        if not connector.plugin.capabilities.source:
+            return f"{name}: a {connector.kind} connector cannot be read"
+        ttl = ref.get("ttl_seconds", 600)
+        if not isinstance(ttl, int) or not 0 <= ttl <= 86_400:
+            return f"{name}: ttl_seconds must be 0 to 86400"
+    return ""
 
 
 def freeze_version(pipeline: Pipeline) -> PipelineVersion:
@@ -436,6 +472,28 @@ def quarantine_chunk(
         else:
             dispatch_chunks(run_id, 1, run.correlation_id)
     return True
+
+
+def record_chunk_stats(
+    run_id: int, seq: int, token: str, stats: dict[str, Any]
+) -> None:
+    """Keep the engine statistics of the chunk's current attempt."""
+    ChunkRun.objects.filter(run_id=run_id, seq=seq, attempt_token=token).update(
+        stats=stats
+    )
+
+
+def run_stats(run: Run) -> dict[str, Any]:
+    """A run's engine statistics: reference cache hits/misses and the oldest age."""
+    refs: dict[str, dict[str, Any]] = {}
+    for stats in run.chunks.values_list("stats", flat=True):
+        for name, ref in (stats or {}).get("references", {}).items():
+            agg = refs.setdefault(
+                name, {"hits": 0, "misses": 0, "max_age_seconds": 0.0}
+            )
+            agg["misses" if ref["source"] == "miss" else "hits"] += 1
+            agg["max_age_seconds"] = max(agg["max_age_seconds"], ref["age_seconds"])
+    return {"references": refs}
 
 
 def token_is_current(run_id: int, seq: int, token: str) -> bool:

@@ -119,7 +119,18 @@ def transform_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     if table is None:
         services.restart_chunk(run_id, seq, token, "extracted batch missing")
         return
-    output, rejected, filtered = transform_table(attempt.version_id, table)
+    references, ref_stats = {}, {}
+    needed = runtime.compiled_version(attempt.version_id).references
+    if needed:
+        from integration import references as reference_cache
+
+        references, ref_stats = reference_cache.for_version(
+            attempt.version_spec, needed
+        )
+        services.record_chunk_stats(run_id, seq, token, {"references": ref_stats})
+    output, rejected, filtered = transform_table(
+        attempt.version_id, table, references=references
+    )
     meta = {
         b"dis.rows_in": str(table.num_rows).encode(),
         b"dis.filtered": str(filtered).encode(),
@@ -136,7 +147,9 @@ def transform_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     )
 
 
-def transform_table(version_id: int, table: pa.Table) -> tuple[pa.Table, pa.Table, int]:
+def transform_table(
+    version_id: int, table: pa.Table, *, references: dict[str, pa.Table] | None = None
+) -> tuple[pa.Table, pa.Table, int]:
     """Run the compiled version over a chunk; rows the reader flagged are rejected."""
     compiled = runtime.compiled_version(version_id)
     unreadable = None
@@ -157,7 +170,7 @@ def transform_table(version_id: int, table: pa.Table) -> tuple[pa.Table, pa.Tabl
         )
         result = EngineResult(output, pa.table({}), 0, 0)
     else:
-        result = compiled.run(table)
+        result = compiled.run(table, references=references or None)
     rejected = result.rejected
     if unreadable is not None and unreadable.num_rows:
         errors = unreadable.column("_read_error")

@@ -44,6 +44,7 @@ class PipelineSerializer(serializers.ModelSerializer):
             "source",
             "source_options",
             "steps",
+            "references",
             "sink",
             "sink_options",
             "mode",
@@ -102,6 +103,7 @@ class PipelineSerializer(serializers.ModelSerializer):
             "source",
             "sink",
             "steps",
+            "references",
             "schedule_cron",
             "schedule_timezone",
             "schedule_interval_seconds",
@@ -164,6 +166,9 @@ class RunSerializer(serializers.ModelSerializer):
     rejected_ratio = serializers.FloatField(read_only=True)
     duration_seconds = serializers.FloatField(read_only=True, allow_null=True)
     chunks = serializers.SerializerMethodField()
+    stats = serializers.SerializerMethodField(
+        help_text="Engine statistics: reference cache hits, misses and oldest age."
+    )
 
     class Meta:
         model = Run
@@ -179,6 +184,7 @@ class RunSerializer(serializers.ModelSerializer):
             "chunks_total",
             "chunks_done",
             "chunks",
+            "stats",
             "records_read",
             "records_written",
             "records_rejected",
@@ -197,12 +203,16 @@ class RunSerializer(serializers.ModelSerializer):
     def get_chunks(self, run: Run) -> dict[str, int]:
         return services.chunk_progress(run)
 
+    @extend_schema_field(serializers.DictField())
+    def get_stats(self, run: Run) -> dict[str, Any]:
+        return services.run_stats(run)
+
 
 class RunListSerializer(RunSerializer):
     """A run in a list (no per-chunk query)."""
 
     class Meta(RunSerializer.Meta):
-        fields = [f for f in RunSerializer.Meta.fields if f != "chunks"]
+        fields = [f for f in RunSerializer.Meta.fields if f not in ("chunks", "stats")]
         read_only_fields = fields
 
 

