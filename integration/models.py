@@ -316,6 +316,9 @@ class ChunkRun(models.Model):
     #: when it starts again killed its worker (counted in `crashes`).
     step = models.CharField(max_length=20, blank=True)
     step_open = models.BooleanField(default=False)
+    #: The Celery task id of the open step: only the same message coming back
+    #: counts as a crash (a duplicate delivery has another id).
+    step_task_id = models.CharField(max_length=64, blank=True)
     crashes = models.PositiveIntegerField(default=0)
     #: Last sign of life of an attempt (claim, step start or end): the reconciler
     #: resends chunks whose attempt went quiet for too long.

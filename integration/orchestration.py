@@ -7,10 +7,24 @@ token), never a payload, and never waits on another task's result.
 
 from __future__ import annotations
 
+from typing import Any
+
+import structlog
 from celery import chain, signature
 from django.db import transaction
 
 from config import correlation
+
+logger = structlog.get_logger(__name__)
+
+
+def publish(sig: Any, headers: dict[str, str] | None = None, **options: Any) -> None:
+    """Send after commit; a broker that is down is logged, not raised: the rows say
+    what should run, and the reconciler resends what never arrived."""
+    try:
+        sig.apply_async(headers=headers or {}, **options)
+    except Exception as exc:  # noqa: BLE001 - any broker failure: the reconciler recovers
+        logger.warning("publish_failed", task=sig.task, error_class=type(exc).__name__)
 
 
 def _headers(correlation_id: str | None) -> dict[str, str]:
@@ -30,19 +44,19 @@ def chunk_chain(run_id: int, seq: int, token: str) -> chain:
 def send_chunk(run_id: int, seq: int, token: str, correlation_id: str) -> None:
     """Send a chunk's chain once the current transaction commits."""
     sig = chunk_chain(run_id, seq, token)
-    transaction.on_commit(lambda: sig.apply_async(headers=_headers(correlation_id)))
+    transaction.on_commit(lambda: publish(sig, _headers(correlation_id)))
 
 
 def send_plan(run_id: int, correlation_id: str) -> None:
     sig = signature("integration.plan_run", args=(run_id,), immutable=True)
-    transaction.on_commit(lambda: sig.apply_async(headers=_headers(correlation_id)))
+    transaction.on_commit(lambda: publish(sig, _headers(correlation_id)))
 
 
 def send_finalize(run_id: int, correlation_id: str) -> None:
     sig = signature("integration.finalize_run", args=(run_id,), immutable=True)
-    transaction.on_commit(lambda: sig.apply_async(headers=_headers(correlation_id)))
+    transaction.on_commit(lambda: publish(sig, _headers(correlation_id)))
 
 
 def send_notification(run_id: int, correlation_id: str) -> None:
     sig = signature("integration.notify_run", args=(run_id,), immutable=True)
-    transaction.on_commit(lambda: sig.apply_async(headers=_headers(correlation_id)))
+    transaction.on_commit(lambda: publish(sig, _headers(correlation_id)))

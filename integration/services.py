@@ -370,7 +370,13 @@ class Attempt:
 
 
 def begin_attempt(
-    run_id: int, seq: int, token: str, *, step: str, mark_running: bool = False
+    run_id: int,
+    seq: int,
+    token: str,
+    *,
+    step: str,
+    task_id: str = "",
+    mark_running: bool = False,
 ) -> Attempt | None:
     """The attempt's context, or None when it is stale (superseded, finished, stopped)
     or quarantined.
@@ -396,12 +402,15 @@ def begin_attempt(
     now = timezone.now()
     ChunkRun.objects.filter(pk=chunk.pk, attempt_token=token).update(
         crashes=Case(
-            When(step=step, step_open=True, then=F("crashes") + 1),
+            When(
+                step=step, step_open=True, step_task_id=task_id, then=F("crashes") + 1
+            ),
             default=F("crashes"),
             output_field=models.PositiveIntegerField(),
         ),
         step=step,
         step_open=True,
+        step_task_id=task_id,
         touched_at=now,
         **(
             {"state": ChunkState.RUNNING, "started_at": now}

@@ -11,10 +11,13 @@ import os
 import time
 from functools import cache
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow as pa
 from django.conf import settings
+
+from connectors.exceptions import TransientError
 
 _WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
 
@@ -31,26 +34,43 @@ def from_ipc(blob: bytes) -> pa.Table:
 
 
 class RedisStage:
-    """Staged batches in Redis with a TTL."""
+    """Staged batches in Redis with a TTL.
+
+    A Redis that is restarting or unreachable raises `TransientError`, so the step
+    is retried with back-off instead of failing the run.
+    """
 
     def __init__(self, url: str, ttl: int) -> None:
         import redis
 
         self.client = redis.Redis.from_url(url)
         self.ttl = ttl
+        self._errors = (
+            redis.ConnectionError,
+            redis.TimeoutError,
+            redis.BusyLoadingError,
+        )
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except self._errors as exc:
+            raise TransientError(
+                f"staging store unavailable: {type(exc).__name__}"
+            ) from None
 
     def put(self, key: str, table: pa.Table) -> int:
         blob = to_ipc(table)
-        self.client.set(key, blob, ex=self.ttl)
+        self._call(self.client.set, key, blob, ex=self.ttl)
         return len(blob)
 
     def get(self, key: str) -> pa.Table | None:
-        blob = self.client.get(key)
+        blob = self._call(self.client.get, key)
         return None if blob is None else from_ipc(blob)
 
     def delete(self, *keys: str) -> None:
         if keys:
-            self.client.delete(*keys)
+            self._call(self.client.delete, *keys)
 
 
 class FileStage:

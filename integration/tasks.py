@@ -111,7 +111,9 @@ def extract_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     name="integration.transform_chunk", base=RunTask, bind=True, **_RETRY, **_LIMITS
 )
 def transform_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
-    attempt = services.begin_attempt(run_id, seq, token, step="transform")
+    attempt = services.begin_attempt(
+        run_id, seq, token, step="transform", task_id=self.request.id or ""
+    )
     if attempt is None:
         return
     stage = staging.stage()
@@ -187,7 +189,9 @@ def transform_table(
     name="integration.load_chunk", base=RunTask, bind=True, **_RETRY, **_LIMITS
 )
 def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
-    attempt = services.begin_attempt(run_id, seq, token, step="load")
+    attempt = services.begin_attempt(
+        run_id, seq, token, step="load", task_id=self.request.id or ""
+    )
     if attempt is None:
         return
     stage = staging.stage()

@@ -20,7 +20,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from config import correlation
-from integration import services
+from integration import orchestration, services
 from integration.choices import (
     NODE_FINISHED,
     TERMINAL_STATES,
@@ -124,7 +124,7 @@ def send_advance(workflow_run_id: int, *, countdown: float = 0) -> None:
     sig = signature(
         "integration.advance_workflow", args=(workflow_run_id,), immutable=True
     )
-    transaction.on_commit(lambda: sig.apply_async(countdown=countdown))
+    transaction.on_commit(lambda: orchestration.publish(sig, countdown=countdown))
 
 
 def start_workflow(
@@ -280,7 +280,7 @@ def _start_ready(wrun: WorkflowRun, node_runs: list[NodeRun]) -> None:
             sig = signature(
                 "integration.workflow_action", args=(nr.pk,), immutable=True
             )
-            transaction.on_commit(sig.apply_async)
+            transaction.on_commit(lambda sig=sig: orchestration.publish(sig))
         logger.info("workflow_node_started", node=nr.node.key, attempt=nr.attempts)
 
 
