@@ -22,6 +22,15 @@ class TerminalError(ConnectorError):
     """The run cannot go on (permission denied, table missing): fail the run."""
 
 
+class NotReadyError(TransientError):
+    """What an action waits for has not happened yet: ask again after `retry_after`
+    seconds (a workflow's wait_event node)."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class SkippableError(ConnectorError):
     """One record is bad: dead-letter it and go on."""
 

@@ -20,6 +20,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from config import correlation
+from connectors.exceptions import NotReadyError
 from integration import orchestration, services
 from integration.choices import (
     NODE_FINISHED,
@@ -44,7 +45,9 @@ from integration.models import (
 logger = structlog.get_logger(__name__)
 
 SUCCESSFUL_RUN_STATES = (RunState.SUCCEEDED, RunState.SUCCEEDED_WITH_ERRORS)
-ACTION_KINDS = (NodeKind.HTTP, NodeKind.SQL)
+ACTION_KINDS = (NodeKind.HTTP, NodeKind.SQL, NodeKind.WAIT_EVENT)
+#: How long a wait_event node waits by default before it fails.
+DEFAULT_WAIT_SECONDS = 3600
 
 
 # --- Definition -------------------------------------------------------------------
@@ -81,10 +84,6 @@ def validate_nodes(nodes: list[dict[str, Any]]) -> list[str]:
         if kind in ACTION_KINDS and not (node.get("config") or {}).get("connector"):
             raise ValidationError(
                 {"nodes": f"node {node['key']}: config.connector is required"}
-            )
-        if kind == NodeKind.WAIT_EVENT:
-            raise ValidationError(
-                {"nodes": f"node {node['key']}: wait_event nodes are not available yet"}
             )
         graph[node["key"]] = deps
     try:
@@ -292,6 +291,7 @@ def run_action(node_run_id: int) -> None:
     if nr.state != NodeState.RUNNING:
         return
     config = dict(nr.node.config)
+    config.pop("timeout_seconds", None)
     try:
         connector = Connector.objects.get(name=config.pop("connector"))
         plugin = connector.plugin
@@ -301,6 +301,23 @@ def run_action(node_run_id: int) -> None:
             config,
             connector.context(nr.workflow_run.correlation_id),
         )
+    except NotReadyError as exc:
+        # A wait: ask again later, until the node's timeout.
+        waited = (
+            (timezone.now() - nr.started_at).total_seconds() if nr.started_at else 0
+        )
+        if waited < float(nr.node.config.get("timeout_seconds", DEFAULT_WAIT_SECONDS)):
+            sig = signature(
+                "integration.workflow_action", args=(nr.pk,), immutable=True
+            )
+            orchestration.publish(sig, countdown=exc.retry_after)
+            return
+        with transaction.atomic():
+            nr = (
+                NodeRun.objects.select_for_update().select_related("node").get(pk=nr.pk)
+            )
+            if nr.state == NodeState.RUNNING:
+                _attempt_failed(nr.workflow_run, nr, f"timed out waiting: {exc}")
     except Exception as exc:  # noqa: BLE001 - any failure is the node's outcome
         with transaction.atomic():
             nr = (

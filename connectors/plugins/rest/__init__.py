@@ -555,3 +555,42 @@ class RestPlugin(Plugin):
     sink_class = RestSink
     read_options_schema = RestReadOptions
     write_options_schema = RestWriteOptions
+
+    @classmethod
+    def run_action(
+        cls,
+        config: dict[str, Any],
+        action: str,
+        params: dict[str, Any],
+        context: ConnectorContext | None = None,
+    ) -> dict[str, Any]:
+        """`http`: one request (`method`, `path`, `params`, `body`) to the API."""
+        if action != "http":
+            return super().run_action(config, action, params, context)
+        return _http_action(config, params, context)
+
+
+def _http_action(
+    config: dict[str, Any], params: dict[str, Any], context: ConnectorContext | None
+) -> dict[str, Any]:
+    """A workflow's `http` node: one request through the connector's client (auth,
+    SSRF guard, retries, breaker, rate limit); returns the status and a JSON body."""
+    method = str(params.get("method", "POST")).upper()
+    if method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        raise ConfigError(f"http action: unsupported method {method!r}")
+    client = RestClient(config, context or ConnectorContext())
+    try:
+        response = client.request(
+            method,
+            str(params.get("path", "")),
+            params=params.get("params") or None,
+            json=params.get("body"),
+            what="workflow action",
+        )
+    finally:
+        client.close()
+    try:
+        body: Any = orjson.loads(response.body) if response.body else None
+    except orjson.JSONDecodeError:
+        body = None
+    return {"status": response.status, "body": body}

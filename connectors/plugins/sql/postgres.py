@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import sqlglot
 from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 from psycopg_pool import PoolTimeout
@@ -561,3 +562,44 @@ class PostgresPlugin(Plugin):
     sink_class = PostgresSink
     read_options_schema = PostgresReadOptions
     write_options_schema = SqlWriteOptions
+
+    @classmethod
+    def run_action(
+        cls,
+        config: dict[str, Any],
+        action: str,
+        params: dict[str, Any],
+        context: ConnectorContext | None = None,
+    ) -> dict[str, Any]:
+        """`sql`: one statement (`statement`, positional `params`) in a transaction."""
+        if action != "sql":
+            return super().run_action(config, action, params, context)
+        return SqlAction(config).run(params)
+
+
+class SqlAction(PostgresClient):
+    """A workflow's `sql` node: one parameterised statement, in its own transaction.
+
+    The statement is an operator's (e.g. `REFRESH MATERIALIZED VIEW`, `CALL`): any
+    single statement is allowed, values go in `params`, never into the text.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self._kwargs = connection_kwargs(config)
+
+    def run(self, params: dict[str, Any]) -> dict[str, Any]:
+        statement = params.get("statement")
+        if not isinstance(statement, str) or not statement.strip():
+            raise ConfigError("sql action: a statement is required")
+        if len([s for s in sqlglot.parse(statement, read="postgres") if s]) != 1:
+            raise ConfigError("sql action: exactly one statement")
+        values = params.get("params") or []
+        if not isinstance(values, list):
+            raise ConfigError("sql action: params must be a list")
+        try:
+            with self._connection() as conn, conn.transaction():
+                cursor = conn.execute(statement, values)
+                return {"rowcount": cursor.rowcount}
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise self._failure(exc, "running the sql action") from None
