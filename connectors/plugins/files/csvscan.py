@@ -10,6 +10,8 @@ inside a quoted field. A stray quote inside an unquoted field (`ab"c`) upsets th
 parity; `FilesSource.read` detects the resulting row-count mismatch and fails loudly
 rather than mislabelling rows. Lines ended by a lone `\\r` (classic Mac) are not
 split. Blank lines (`\\n` or `\\r\\n` alone) are skipped, as pyarrow's reader does.
+
+With `quote=None` (CSV without quoting, JSON Lines) every newline ends a record.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class RowScanner:
     exclusive and includes the line ending). Memory is bounded by the block size.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, quote: int | None = QUOTE) -> None:
+        self.quote = quote
         self.position = 0  # absolute offset of the next block
         self._quotes = 0  # quote characters seen so far (only the parity matters)
         self._next_start = 0  # absolute offset where the next record starts
@@ -55,11 +58,14 @@ class RowScanner:
         if not block:
             return _EMPTY, _EMPTY
         arr = np.frombuffer(block, dtype=np.uint8)
-        quotes = np.flatnonzero(arr == QUOTE)
         newlines = np.flatnonzero(arr == NEWLINE)
-        quotes_before = np.searchsorted(quotes, newlines) + self._quotes
-        ends = newlines[(quotes_before & 1) == 0]
-        self._quotes += int(quotes.size)
+        if self.quote is None:
+            ends = newlines
+        else:
+            quotes = np.flatnonzero(arr == self.quote)
+            quotes_before = np.searchsorted(quotes, newlines) + self._quotes
+            ends = newlines[(quotes_before & 1) == 0]
+            self._quotes += int(quotes.size)
         base = self.position
         self.position += len(block)
         previous_last_byte = self._last_byte
@@ -97,25 +103,27 @@ class RowScanner:
 
 
 def iter_records(
-    stream: BinaryIO, *, block_size: int
+    stream: BinaryIO, *, block_size: int, quote: int | None = QUOTE
 ) -> Iterator[tuple[Offsets, Offsets]]:
     """Scan `stream` from its current position (taken as offset 0) to its end.
 
     Args:
         stream: a binary file object positioned at the start of the CSV data.
         block_size: bytes read per step; memory stays proportional to it.
+        quote: the quote byte, or None when nothing is quoted (every newline ends a
+            record).
 
     Yields:
         `(starts, stops)` per block, possibly empty, then the unterminated last record.
     """
-    scanner = RowScanner()
+    scanner = RowScanner(quote=quote)
     while block := stream.read(block_size):
         yield scanner.feed(block)
     yield scanner.finish()
 
 
 def fields_per_record(
-    data: bytes, stops: Offsets, *, delimiter: int
+    data: bytes, stops: Offsets, *, delimiter: int, quote: int | None = QUOTE
 ) -> npt.NDArray[np.int64]:
     """Count the fields of each record in `data` (delimiters outside quotes + 1).
 
@@ -123,15 +131,17 @@ def fields_per_record(
         data: CSV bytes that start at a record boundary (offsets are relative to it).
         stops: record stop offsets (exclusive) within `data`, ascending.
         delimiter: the delimiter byte.
+        quote: the quote byte, or None when nothing is quoted.
 
     Returns:
         One count per record, aligned with `stops`.
     """
     arr = np.frombuffer(data, dtype=np.uint8)
-    quotes = np.flatnonzero(arr == QUOTE)
     delimiters = np.flatnonzero(arr == delimiter)
-    outside = (np.searchsorted(quotes, delimiters) & 1) == 0
-    delimiters = delimiters[outside]
+    if quote is not None:
+        quotes = np.flatnonzero(arr == quote)
+        outside = (np.searchsorted(quotes, delimiters) & 1) == 0
+        delimiters = delimiters[outside]
     # A delimiter at p belongs to the record whose [start, stop) holds p; blank lines
     # between records hold no delimiter, so the stops alone place it.
     record = np.searchsorted(stops, delimiters, side="right")

@@ -121,6 +121,7 @@ def test_plan_specs_are_exact(tmp_path: Path) -> None:
     assert specs == [
         {
             "path": "t.csv",
+            "format": "csv",
             "offset": 4,
             "length": 9,
             "first_row": 1,
@@ -129,6 +130,7 @@ def test_plan_specs_are_exact(tmp_path: Path) -> None:
         },
         {
             "path": "t.csv",
+            "format": "csv",
             "offset": 13,
             "length": 4,
             "first_row": 3,
@@ -379,7 +381,7 @@ def test_check(tmp_path: Path) -> None:
     ("config", "field"),
     [
         pytest.param({"root": "relative/dir"}, "root", id="relative-root"),
-        pytest.param({"root": "/data", "format": "parquet"}, "format", id="format"),
+        pytest.param({"root": "/data", "format": "xml"}, "format", id="format"),
         pytest.param({"root": "/data", "delimiter": '"'}, "delimiter", id="delim"),
         pytest.param({"root": "/data", "delimiter": ";;"}, "delimiter", id="delim2"),
         pytest.param({"root": "/data", "encoding": "utf-16"}, "encoding", id="utf16"),
