@@ -203,6 +203,9 @@ class Plugin:
     source_class: ClassVar[type[Source] | None] = None
     sink_class: ClassVar[type[Sink] | None] = None
     #: Schemas of a pipeline's `source_options` / `sink_options` for this kind.
+    #: Config fields holding user-supplied URLs: the service checks them with the
+    #: SSRF guard when the connector is saved (a 400 before any connection).
+    url_fields: ClassVar[tuple[str, ...]] = ()
     read_options_schema: ClassVar[type[marshmallow.Schema] | None] = None
     write_options_schema: ClassVar[type[marshmallow.Schema] | None] = None
 

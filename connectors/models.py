@@ -101,6 +101,13 @@ class Connector(models.Model):
                     ]
                 }
             ) from None
+        from connectors.services import unsafe_urls
+
+        unsafe = unsafe_urls(plugin, self.config or {})
+        if unsafe:
+            raise ValidationError(
+                {"config": [f"{k}: {', '.join(v)}" for k, v in unsafe.items()]}
+            )
 
     def _secrets_for_validation(self) -> dict[str, str]:
         return self.credential.get_secrets() if self.credential_id else {}

@@ -87,3 +87,23 @@ def discover(connector_id: int) -> list[dict[str, Any]]:
         }
         for stream in streams
     ]
+
+
+def unsafe_urls(plugin: Any, config: dict[str, Any]) -> dict[str, list[str]]:
+    """The config's URL fields the SSRF guard refuses (field -> reason).
+
+    Checked when a connector is saved, so a refusal is a 400 before any connection;
+    the plugins check again (and pin the address) when they connect.
+    """
+    from connectors.ssrf import check_url
+
+    refused: dict[str, list[str]] = {}
+    for name in plugin.url_fields:
+        value = config.get(name)
+        if not value:
+            continue
+        try:
+            check_url(str(value), tuple(settings.DIS_ALLOWED_NETWORKS))
+        except ConfigError as exc:
+            refused[name] = [str(exc)]
+    return refused

@@ -144,6 +144,9 @@ class ConnectorSerializer(serializers.ModelSerializer):
         except ConfigError as exc:
             errors = getattr(exc, "errors", None) or {"config": [str(exc)]}
             raise serializers.ValidationError({"config": dict(errors)}) from None
+        unsafe = services.unsafe_urls(plugin, config)
+        if unsafe:
+            raise serializers.ValidationError({"config": unsafe})
         return attrs
 
 

@@ -125,3 +125,38 @@ def test_breaker_state_is_shown_and_can_be_reset(api, generator_connector):
     response = api.post(f"/api/v1/connectors/{generator_connector.pk}/reset-breaker/")
     assert response.status_code == 200
     assert response.json()["breaker"]["state"] == "closed"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[64:ff9b::7f00:1]/",
+        "http://10.0.0.5/",
+    ],
+    ids=["loopback", "metadata", "mapped-v6", "nat64", "private"],
+)
+def test_unsafe_rest_url_is_400_at_save(api, url):
+    response = api.post(
+        "/api/v1/connectors/",
+        {"name": unique("rest"), "kind": "rest", "config": {"base_url": url}},
+        format="json",
+    )
+    assert response.status_code == 400
+    assert "base_url" in response.json()["config"]
+
+
+def test_allow_listed_loopback_is_accepted(api, settings):
+    settings.DIS_ALLOWED_NETWORKS = ["127.0.0.1/32"]
+    response = api.post(
+        "/api/v1/connectors/",
+        {
+            "name": unique("rest"),
+            "kind": "rest",
+            "config": {"base_url": "http://127.0.0.1:9/"},
+        },
+        format="json",
+    )
+    assert response.status_code == 201, response.content

@@ -175,6 +175,7 @@ class FilesPlugin(Plugin):
     kind = "files"
     title = "Files (CSV, JSON Lines, JSON, Parquet, Avro; local or S3)"
     config_schema = FilesConfig
+    url_fields = ("endpoint_url",)
     capabilities = Capabilities(source=True, sink=True, discover=True, chunkable=True)
     source_class = FilesSource
     sink_class = FilesSink

@@ -555,6 +555,7 @@ class RestPlugin(Plugin):
     sink_class = RestSink
     read_options_schema = RestReadOptions
     write_options_schema = RestWriteOptions
+    url_fields = ("base_url", "token_url")
 
     @classmethod
     def run_action(
