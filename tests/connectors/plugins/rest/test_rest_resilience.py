@@ -116,3 +116,43 @@ def test_pages_are_fetched_at_the_configured_rate(
     assert rows == 6
     assert len(hits) == 7  # six pages and the empty one that ends the read
     assert hits[-1].at - hits[0].at >= 6 / 20 - 0.02
+
+
+def _reader(config: dict[str, Any], context: ConnectorContext, until: float) -> None:
+    """A worker process reading `/budget` page after page until `until`."""
+    source = RestPlugin.source(RestPlugin.load_config(config), context)
+    options = {"path": "/budget", "pagination": {"type": "page", "size": 1}}
+    while time.time() < until:
+        for _ in source.read(options, CHUNK):
+            pass
+    source.close()
+
+
+@pytest.mark.slow
+def test_two_processes_never_exceed_a_shared_10_per_second_budget(
+    server: ApiServer, context: ConnectorContext
+) -> None:
+    """The issue's acceptance: over 20 s, no 1-second window holds more than 11
+    requests at the server, from two processes sharing 10 requests/s."""
+
+    def page(request: Recorded) -> Reply:
+        n = int(request.param("page") or 1)
+        return json_reply([{"n": n}] if n <= 5 else [])
+
+    server.route("GET", "/budget", page)
+    config = {
+        "base_url": server.url,
+        "rate_limit_per_second": 10,
+        "retry_backoff_seconds": 0.01,
+    }
+    ctx = multiprocessing.get_context("fork")
+    until = time.time() + 20
+    readers = [ctx.Process(target=_reader, args=(config, context, until)) for _ in "ab"]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(40)
+    stamps = sorted(hit.at for hit in server.hits("/budget"))
+    assert len(stamps) >= 180  # the budget was used, not just respected
+    busiest = max(sum(1 for t in stamps if s <= t < s + 1.0) for s in stamps)
+    assert busiest <= 11
