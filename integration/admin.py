@@ -295,8 +295,30 @@ class WorkflowNodeInline(admin.TabularInline):
     ]
 
 
+class WorkflowForm(forms.ModelForm):
+    """Checks the schedule and the event trigger the way the API does."""
+
+    class Meta:
+        model = Workflow
+        fields = "__all__"  # noqa: DJ007 - the admin edits every editable field
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if self.errors:
+            return data
+        probe = Workflow(**{k: v for k, v in data.items() if hasattr(Workflow, k)})
+        try:
+            services.validate_schedule(probe)
+            workflows.validate_event_trigger(probe.event_trigger)
+        except ValidationError as exc:
+            for field, messages in exc.message_dict.items():
+                self.add_error(field if field in self.fields else None, messages)
+        return data
+
+
 @admin.register(Workflow)
 class WorkflowAdmin(admin.ModelAdmin):
+    form = WorkflowForm
     list_display = ["name", "failure_policy", "node_count", "is_paused", "updated_at"]
     list_filter = ["failure_policy", "is_paused"]
     search_fields = ["name", "description", "nodes__key"]
@@ -306,6 +328,12 @@ class WorkflowAdmin(admin.ModelAdmin):
     @admin.display(description="nodes")
     def node_count(self, obj: Workflow) -> int:
         return obj.nodes.count()
+
+    def save_related(
+        self, request: HttpRequest, form: Any, formsets: Any, change: bool
+    ) -> None:
+        super().save_related(request, form, formsets, change)
+        services.sync_schedule(form.instance)
 
     @admin.action(description="Run now")
     def run_now(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> None:

@@ -410,6 +410,26 @@ class Workflow(models.Model):
         max_length=10, choices=FailurePolicy.choices, default=FailurePolicy.STOP_ALL
     )
     is_paused = models.BooleanField(default=False)
+    schedule_cron = models.CharField(
+        max_length=100, blank=True, help_text="Cron expression, e.g. '0 2 * * *'."
+    )
+    schedule_timezone = models.CharField(max_length=64, default="UTC")
+    schedule_interval_seconds = models.PositiveIntegerField(null=True, blank=True)
+    periodic_task = models.OneToOneField(
+        "django_celery_beat.PeriodicTask",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        editable=False,
+        related_name="+",
+    )
+    event_trigger = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='Start a run when an event arrives: {"connector": "events", '
+        '"topic": "files", "match": {"content_type": "text/csv"}} (a kafka '
+        "connector; checked by beat every DIS_EVENT_TRIGGER_INTERVAL_SECONDS).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

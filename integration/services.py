@@ -1085,11 +1085,15 @@ def chunk_progress(run: Run) -> dict[str, int]:
 
 # --- Schedules --------------------------------------------------------------------
 
-SCHEDULE_TASK = "integration.scheduled_run"
+#: The task beat sends for a schedule, by the kind of object scheduled.
+SCHEDULE_TASKS = {
+    "Pipeline": "integration.scheduled_run",
+    "Workflow": "integration.scheduled_workflow",
+}
 
 
-def validate_schedule(pipeline: Pipeline) -> None:
-    """Check the cron expression / interval / time zone of a pipeline.
+def validate_schedule(pipeline: Pipeline | Any) -> None:
+    """Check the cron expression / interval / time zone of a pipeline or workflow.
 
     Raises:
         ValidationError: naming the field.
@@ -1122,10 +1126,11 @@ def validate_schedule(pipeline: Pipeline) -> None:
         ) from None
 
 
-def sync_schedule(pipeline: Pipeline) -> None:
-    """Keep the pipeline's django-celery-beat PeriodicTask in step with its schedule.
+def sync_schedule(pipeline: Pipeline | Any) -> None:
+    """Keep a pipeline's (or workflow's) django-celery-beat PeriodicTask in step with
+    its schedule.
 
-    No schedule: the task is deleted. A paused pipeline keeps its task, disabled.
+    No schedule: the task is deleted. A paused one keeps its task, disabled.
     """
     from django_celery_beat.models import (
         CrontabSchedule,
@@ -1133,10 +1138,11 @@ def sync_schedule(pipeline: Pipeline) -> None:
         PeriodicTask,
     )
 
+    kind = type(pipeline).__name__
     task = pipeline.periodic_task
     if not pipeline.schedule_cron and not pipeline.schedule_interval_seconds:
         if task is not None:
-            Pipeline.objects.filter(pk=pipeline.pk).update(periodic_task=None)
+            type(pipeline).objects.filter(pk=pipeline.pk).update(periodic_task=None)
             task.delete()
             pipeline.periodic_task = None
         return
@@ -1156,23 +1162,24 @@ def sync_schedule(pipeline: Pipeline) -> None:
             every=pipeline.schedule_interval_seconds, period=IntervalSchedule.SECONDS
         )
     values = {
-        "name": f"pipeline:{pipeline.pk}:{pipeline.name}"[:200],
-        "task": SCHEDULE_TASK,
+        "name": f"{kind.lower()}:{pipeline.pk}:{pipeline.name}"[:200],
+        "task": SCHEDULE_TASKS[kind],
         "args": f"[{pipeline.pk}]",
         "enabled": not pipeline.is_paused,
         **schedule,
     }
     if task is None:
         task = PeriodicTask.objects.create(**values)
-        Pipeline.objects.filter(pk=pipeline.pk).update(periodic_task=task)
+        type(pipeline).objects.filter(pk=pipeline.pk).update(periodic_task=task)
         pipeline.periodic_task = task
     else:
         for key, value in values.items():
             setattr(task, key, value)
         task.save()
     logger.info(
-        "pipeline_schedule_synced",
-        pipeline=pipeline.name,
+        "schedule_synced",
+        kind=kind,
+        name=pipeline.name,
         enabled=task.enabled,
         cron=pipeline.schedule_cron,
         interval=pipeline.schedule_interval_seconds,

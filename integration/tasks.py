@@ -296,3 +296,24 @@ def notify_run(run_id: int) -> None:
     from integration import notifications
 
     notifications.notify(run_id)
+
+
+@shared_task(name="integration.scheduled_workflow", **_LIMITS)
+def scheduled_workflow(workflow_id: int) -> int | None:
+    """Fired by beat for a workflow's schedule."""
+    from integration import workflows
+    from integration.choices import RunTrigger
+    from integration.exceptions import PipelinePausedError
+
+    try:
+        return workflows.start_workflow(workflow_id, trigger=RunTrigger.SCHEDULE).pk
+    except PipelinePausedError:
+        return None
+
+
+@shared_task(name="integration.event_triggers", **_LIMITS)
+def event_triggers() -> list[int]:
+    """Periodic: start the workflows whose trigger event arrived."""
+    from integration import workflows
+
+    return workflows.fire_event_triggers()

@@ -94,8 +94,11 @@ def validate_nodes(nodes: list[dict[str, Any]]) -> list[str]:
 
 
 def save_workflow(workflow: Workflow, nodes: list[dict[str, Any]]) -> Workflow:
-    """Save a workflow with exactly these nodes (validated first)."""
+    """Save a workflow with exactly these nodes (validated first), and keep its
+    schedule in step with celery-beat."""
     validate_nodes(nodes)
+    services.validate_schedule(workflow)
+    validate_event_trigger(workflow.event_trigger)
     with transaction.atomic():
         workflow.save()
         keep = {n["key"] for n in nodes}
@@ -113,7 +116,71 @@ def save_workflow(workflow: Workflow, nodes: list[dict[str, Any]]) -> Workflow:
                     "retry_delay_seconds": spec.get("retry_delay_seconds", 30),
                 },
             )
+        services.sync_schedule(workflow)
     return workflow
+
+
+def validate_event_trigger(trigger: dict[str, Any]) -> None:
+    """An event trigger names a kafka connector, a topic and the fields to match.
+
+    Raises:
+        ValidationError: under `event_trigger`.
+    """
+    from connectors.models import Connector
+
+    if not trigger:
+        return
+    if not isinstance(trigger, dict) or not trigger.get("topic"):
+        raise ValidationError({"event_trigger": "needs a connector and a topic"})
+    connector = Connector.objects.filter(name=trigger.get("connector")).first()
+    if connector is None or connector.kind != "kafka":
+        raise ValidationError(
+            {"event_trigger": "connector must name a kafka connector"}
+        )
+    if not isinstance(trigger.get("match", {}), dict):
+        raise ValidationError({"event_trigger": "match must be an object"})
+
+
+def fire_event_triggers() -> list[int]:
+    """Start a run of each workflow whose trigger event arrived (one per event).
+
+    Called periodically by beat; the event is in the run's first log lines and the
+    kafka group's offsets keep each event from starting two runs.
+    """
+    from connectors.exceptions import ConnectorError
+    from connectors.models import Connector
+
+    started = []
+    for workflow in Workflow.objects.filter(is_paused=False).exclude(event_trigger={}):
+        trigger = workflow.event_trigger
+        connector = Connector.objects.filter(name=trigger.get("connector")).first()
+        if connector is None:
+            continue
+        params = {
+            "topic": trigger["topic"],
+            "group_id": f"dis-workflow-{workflow.pk}",
+            "match": trigger.get("match", {}),
+        }
+        try:
+            result = connector.plugin.run_action(
+                connector.loaded_config(), "wait_event", params, connector.context()
+            )
+        except NotReadyError:
+            continue
+        except ConnectorError as exc:
+            logger.warning(
+                "event_trigger_failed", workflow=workflow.name, error=str(exc)
+            )
+            continue
+        wrun = start_workflow(workflow.pk, trigger=RunTrigger.EVENT)
+        logger.info(
+            "workflow_triggered_by_event",
+            workflow=workflow.name,
+            workflow_run=wrun.pk,
+            event_ref=result.get("source_ref"),
+        )
+        started.append(wrun.pk)
+    return started
 
 
 # --- Running ----------------------------------------------------------------------

@@ -234,6 +234,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "integration.reconcile",
         "schedule": env.float("DIS_RECONCILE_INTERVAL_SECONDS", default=60.0),
     },
+    "workflow-event-triggers": {
+        "task": "integration.event_triggers",
+        "schedule": env.float("DIS_EVENT_TRIGGER_INTERVAL_SECONDS", default=15.0),
+    },
     "purge-expired": {
         "task": "integration.purge",
         "schedule": env.float("DIS_PURGE_INTERVAL_SECONDS", default=3600.0),

@@ -59,6 +59,10 @@ class WorkflowSerializer(serializers.ModelSerializer):
             "description",
             "failure_policy",
             "is_paused",
+            "schedule_cron",
+            "schedule_timezone",
+            "schedule_interval_seconds",
+            "event_trigger",
             "nodes",
             "created_at",
             "updated_at",
@@ -83,8 +87,18 @@ class WorkflowSerializer(serializers.ModelSerializer):
         for key, value in validated_data.items():
             setattr(instance, key, value)
         if nodes is None:
-            instance.save()
-            return instance
+            nodes = [
+                {
+                    "key": n.key,
+                    "kind": n.kind,
+                    "pipeline": n.pipeline,
+                    "config": n.config,
+                    "depends_on": n.depends_on,
+                    "max_attempts": n.max_attempts,
+                    "retry_delay_seconds": n.retry_delay_seconds,
+                }
+                for n in instance.nodes.all()
+            ]
         return workflows.save_workflow(instance, nodes)
 
 

@@ -255,3 +255,89 @@ def test_diamond_survives_a_worker_sigkill(
     assert wrun.state == "succeeded", (wrun.error, states(wrun))
     for nr in NodeRun.objects.filter(workflow_run=wrun).select_related("run"):
         assert (nr.run.state, nr.run.records_written) == ("succeeded", 20)
+
+
+@pytest.mark.django_db
+def test_workflow_schedule_is_kept_in_step_with_beat(api, sqlite_sink, sent):
+    from django_celery_beat.models import PeriodicTask
+
+    workflow = diamond(api, sqlite_sink)
+    response = api.patch(
+        f"/api/v1/workflows/{workflow.pk}/",
+        {"schedule_cron": "0 3 * * *", "schedule_timezone": "America/New_York"},
+        format="json",
+    )
+    assert response.status_code == 200, response.content
+    workflow.refresh_from_db()
+    task = PeriodicTask.objects.get(pk=workflow.periodic_task_id)
+    assert (task.task, task.args, task.crontab.hour) == (
+        "integration.scheduled_workflow",
+        f"[{workflow.pk}]",
+        "3",
+    )
+    assert NodeRun.objects.filter(workflow_run__workflow=workflow).count() == 0
+    bad = api.patch(
+        f"/api/v1/workflows/{workflow.pk}/",
+        {"schedule_cron": "61 * * * *"},
+        format="json",
+    )
+    assert bad.status_code == 400
+    assert "schedule_cron" in bad.json()
+
+
+@pytest.mark.django_db
+def test_event_trigger_starts_a_run_per_matching_event(
+    api, sqlite_sink, sent, monkeypatch
+):
+    from connectors.exceptions import NotReadyError
+    from connectors.plugins.kafka import KafkaPlugin
+
+    events = Connector.objects.create(
+        name=unique("events"),
+        kind="kafka",
+        config={"bootstrap_servers": "127.0.0.1:9"},
+    )
+    workflow = diamond(api, sqlite_sink)
+    response = api.patch(
+        f"/api/v1/workflows/{workflow.pk}/",
+        {
+            "event_trigger": {
+                "connector": events.name,
+                "topic": "files",
+                "match": {"content_type": "text/csv"},
+            }
+        },
+        format="json",
+    )
+    assert response.status_code == 200, response.content
+    answers = [{"event": {"file_id": "f1"}, "source_ref": "files/0/4"}]
+    calls = []
+
+    def fake(cls, config, action, params, context=None):
+        calls.append((action, params))
+        if answers:
+            return answers.pop(0)
+        raise NotReadyError("nothing", retry_after=1)
+
+    monkeypatch.setattr(KafkaPlugin, "run_action", classmethod(fake))
+    from integration import tasks
+
+    first = tasks.event_triggers()
+    assert len(first) == 1
+    assert WorkflowRun.objects.get(pk=first[0]).trigger == "event"
+    assert tasks.event_triggers() == []
+    assert calls[0] == (
+        "wait_event",
+        {
+            "topic": "files",
+            "group_id": f"dis-workflow-{workflow.pk}",
+            "match": {"content_type": "text/csv"},
+        },
+    )
+    bad = api.patch(
+        f"/api/v1/workflows/{workflow.pk}/",
+        {"event_trigger": {"connector": sqlite_sink.name, "topic": "x"}},
+        format="json",
+    )
+    assert bad.status_code == 400
+    assert "kafka connector" in str(bad.json())
