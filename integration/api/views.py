@@ -128,6 +128,22 @@ class RunViewSet(viewsets.ReadOnlyModelViewSet):
     def get_serializer_class(self) -> type:
         return RunListSerializer if self.action == "list" else RunSerializer
 
+    def get_queryset(self) -> QuerySet[Run]:
+        queryset = super().get_queryset()
+        if self.action == "list":
+            # A list shows names and numbers: decoding every row's pipeline steps
+            # and version spec (JSON) was a fifth of its time (bench/api.py).
+            queryset = queryset.defer(
+                "params",
+                "pipeline__steps",
+                "pipeline__source_options",
+                "pipeline__sink_options",
+                "pipeline__references",
+                "pipeline__cursor_state",
+                "version__spec",
+            )
+        return queryset
+
     @extend_schema(responses=DeadLetterSerializer(many=True))
     @action(detail=True, methods=["get"], url_path="dead-letters")
     def dead_letters(self, request: Request, pk: str | None = None) -> Response:

@@ -190,3 +190,20 @@ def test_generator_cannot_be_a_sink(api, generator_connector):
     )
     assert response.status_code == 400
     assert "cannot be a sink" in response.json()["sink"][0]
+
+
+def test_run_list_queries_do_not_grow_and_skip_heavy_json(api, pipeline, sent):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    for _ in range(5):
+        services.start_run(pipeline.pk, kind="replay")
+    with CaptureQueriesContext(connection) as queries:
+        response = api.get("/api/v1/runs/")
+    assert response.status_code == 200
+    assert response.json()["count"] == 5
+    selects = [
+        q["sql"] for q in queries.captured_queries if "integration_run" in q["sql"]
+    ]
+    assert len(selects) == 2  # the count and the page
+    assert all('"spec"' not in sql and '"steps"' not in sql for sql in selects)
