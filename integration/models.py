@@ -319,6 +319,8 @@ class ChunkRun(models.Model):
     #: The Celery task id of the open step: only the same message coming back
     #: counts as a crash (a duplicate delivery has another id).
     step_task_id = models.CharField(max_length=64, blank=True)
+    #: `host:pid` of the process running the open step.
+    step_owner = models.CharField(max_length=200, blank=True)
     crashes = models.PositiveIntegerField(default=0)
     #: Last sign of life of an attempt (claim, step start or end): the reconciler
     #: resends chunks whose attempt went quiet for too long.

@@ -7,6 +7,8 @@ nothing left unfinished sends `finalize_run`. No chord, no result backend.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +16,8 @@ import pyarrow as pa
 import structlog
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, models, transaction
-from django.db.models import Case, Count, F, When
+from django.db import IntegrityError, transaction
+from django.db.models import Count, F
 from django.utils import timezone
 
 from config import correlation
@@ -400,17 +402,19 @@ def begin_attempt(
         skip_chunk(run_id, seq, token)
         return None
     now = timezone.now()
+    crashed = (
+        bool(task_id)
+        and chunk.step == step
+        and chunk.step_open
+        and chunk.step_task_id == task_id
+        and _owner_gone(chunk.step_owner, chunk.touched_at, now)
+    )
     ChunkRun.objects.filter(pk=chunk.pk, attempt_token=token).update(
-        crashes=Case(
-            When(
-                step=step, step_open=True, step_task_id=task_id, then=F("crashes") + 1
-            ),
-            default=F("crashes"),
-            output_field=models.PositiveIntegerField(),
-        ),
+        crashes=F("crashes") + 1 if crashed else F("crashes"),
         step=step,
         step_open=True,
         step_task_id=task_id,
+        step_owner=_THIS_PROCESS(),
         touched_at=now,
         **(
             {"state": ChunkState.RUNNING, "started_at": now}
@@ -434,6 +438,44 @@ def begin_attempt(
         source_options=run.source_options(),
         sink_options=run.sink_options(),
     )
+
+
+def _THIS_PROCESS() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this host runs (a zombie, dead but not yet reaped by
+    its pool, counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def _owner_gone(owner: str, touched_at: Any, now: Any) -> bool:
+    """Did the process that opened a step die (rather than still run it)?
+
+    The same message coming back while its step is open is either a crash (the
+    worker died and the broker redelivered) or a redelivery to a live worker (its
+    visibility timeout passed while it waited or ran). On the same host the pid
+    tells; on another host, an opener quiet for longer than the hard time limit is
+    gone (the limit would have killed it).
+    """
+    host, _, pid = owner.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        return not _alive(int(pid))
+    if touched_at is None:
+        return True
+    return (now - touched_at).total_seconds() > settings.CELERY_TASK_TIME_LIMIT
 
 
 def end_step(run_id: int, seq: int, token: str) -> None:

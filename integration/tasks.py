@@ -86,7 +86,12 @@ def plan_run(self: Task, run_id: int) -> None:
 )
 def extract_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     attempt = services.begin_attempt(
-        run_id, seq, token, step="extract", mark_running=True
+        run_id,
+        seq,
+        token,
+        step="extract",
+        task_id=self.request.id or "",
+        mark_running=True,
     )
     if attempt is None:
         return

@@ -22,4 +22,11 @@ def wait_for_run(run_id: int, timeout: float = 180):
             return run
         time.sleep(0.25)
     run = Run.objects.get(pk=run_id)
-    raise AssertionError(f"run {run_id} not finished after {timeout}s: {run.state}")
+    chunks = list(
+        run.chunks.values_list(
+            "seq", "state", "attempts", "step", "step_open", "crashes", "step_owner"
+        )
+    )
+    raise AssertionError(
+        f"run {run_id} not finished after {timeout}s: {run.state}; chunks {chunks}"
+    )

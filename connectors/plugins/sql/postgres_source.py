@@ -10,6 +10,7 @@ snapshot exported by `export_snapshot()`. Pure Python (no Django).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import decimal
 import io
@@ -459,6 +460,10 @@ class PostgresSource(PostgresClient, Source):
                 raise self._failure(exc, "exporting a snapshot") from None
             yield str(row[0]) if row else ""
         finally:
+            # End the transaction before closing: the snapshot is gone the moment
+            # this returns (a bare close lets the server end it a little later).
+            with contextlib.suppress(psycopg.Error):
+                conn.rollback()
             conn.close()
 
     @staticmethod
