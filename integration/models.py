@@ -321,6 +321,8 @@ class ChunkRun(models.Model):
     step_task_id = models.CharField(max_length=64, blank=True)
     #: `host:pid` of the process running the open step.
     step_owner = models.CharField(max_length=200, blank=True)
+    #: Celery ids of the current attempt's tasks (revoked when the run stops).
+    task_ids = models.JSONField(default=list, blank=True)
     crashes = models.PositiveIntegerField(default=0)
     #: Last sign of life of an attempt (claim, step start or end): the reconciler
     #: resends chunks whose attempt went quiet for too long.

@@ -41,10 +41,34 @@ def chunk_chain(run_id: int, seq: int, token: str) -> chain:
     )
 
 
-def send_chunk(run_id: int, seq: int, token: str, correlation_id: str) -> None:
-    """Send a chunk's chain once the current transaction commits."""
+def send_chunk(run_id: int, seq: int, token: str, correlation_id: str) -> list[str]:
+    """Send a chunk's chain once the current transaction commits.
+
+    Returns:
+        The ids of its three tasks (fixed now), so a cancel can revoke them.
+    """
     sig = chunk_chain(run_id, seq, token)
+    sig.freeze()
+    ids = [task.id for task in sig.tasks]
     transaction.on_commit(lambda: publish(sig, _headers(correlation_id)))
+    return ids
+
+
+def revoke(task_ids: list[str]) -> None:
+    """Revoke queued tasks after commit (best effort: their tasks also find their
+    chunk stopped and return without work)."""
+    if not task_ids:
+        return
+
+    def send() -> None:
+        from config.celery_app import app
+
+        try:
+            app.control.revoke(task_ids)
+        except Exception as exc:  # noqa: BLE001 - the database guard stops them anyway
+            logger.warning("revoke_failed", error_class=type(exc).__name__)
+
+    transaction.on_commit(send)
 
 
 def send_plan(run_id: int, correlation_id: str) -> None:

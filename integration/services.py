@@ -348,7 +348,12 @@ def dispatch_chunks(run_id: int, limit: int, correlation_id: str) -> int:
             step_open=False,
         )
         if claimed:
-            orchestration.send_chunk(run_id, candidate, str(token), correlation_id)
+            ids = orchestration.send_chunk(
+                run_id, candidate, str(token), correlation_id
+            )
+            ChunkRun.objects.filter(run_id=run_id, seq=candidate).update(
+                task_ids=ids or []
+            )
             sent += 1
     return sent
 
@@ -574,7 +579,8 @@ def restart_chunk(run_id: int, seq: int, token: str, reason: str) -> bool:
         )
         if updated:
             cid = Run.objects.values_list("correlation_id", flat=True).get(pk=run_id)
-            orchestration.send_chunk(run_id, seq, str(new_token), cid)
+            ids = orchestration.send_chunk(run_id, seq, str(new_token), cid)
+            ChunkRun.objects.filter(run_id=run_id, seq=seq).update(task_ids=ids or [])
     logger.warning("chunk_restarted", run_id=run_id, chunk_seq=seq, reason=reason)
     return bool(updated)
 
@@ -891,11 +897,14 @@ def stop_run(run_id: int, state: str, reason: str) -> bool:
         )
         if not updated:
             return False
-        # Chunks in flight are skipped too: their tasks find them finished and stop,
-        # and the sink's fence refuses a commit of a stopped run.
-        ChunkRun.objects.filter(run_id=run_id).unfinished().update(
-            state=ChunkState.SKIPPED, finished_at=timezone.now()
+        # Chunks in flight are skipped too: their queued tasks are revoked, any
+        # that still run find them finished and stop, and the sink's fence refuses
+        # a commit of a stopped run.
+        unfinished = ChunkRun.objects.filter(run_id=run_id).unfinished()
+        orchestration.revoke(
+            [i for ids in unfinished.values_list("task_ids", flat=True) for i in ids]
         )
+        unfinished.update(state=ChunkState.SKIPPED, finished_at=timezone.now())
         run = Run.objects.get(pk=run_id)
         promote_next(run.pipeline_id)
         run_ended(run)

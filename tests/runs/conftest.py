@@ -43,13 +43,21 @@ def sent(monkeypatch):
     calls: list[tuple] = []
     for name, label in [
         ("send_plan", "plan"),
-        ("send_chunk", "chunk"),
         ("send_finalize", "finalize"),
         ("send_notification", "notify"),
     ]:
         monkeypatch.setattr(
             orchestration, name, lambda *a, _label=label: calls.append((_label, *a))
         )
+
+    def send_chunk(run_id: int, seq: int, token: str, cid: str) -> list[str]:
+        calls.append(("chunk", run_id, seq, token, cid))
+        return [f"{token}-{step}" for step in ("extract", "transform", "load")]
+
+    monkeypatch.setattr(orchestration, "send_chunk", send_chunk)
+    monkeypatch.setattr(
+        orchestration, "revoke", lambda ids: calls.append(("revoke", sorted(ids)))
+    )
     monkeypatch.setattr(
         workflows, "send_advance", lambda wr, **kw: calls.append(("advance", wr))
     )

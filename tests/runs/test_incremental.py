@@ -3,6 +3,8 @@ successful run (ties on the cursor included); a failed run does not move it."""
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
@@ -134,6 +136,7 @@ def backfill_pipeline(events, pg_sink, sent):
     )
     services.freeze_version(pipeline)
     events([(i, str(i), i) for i in range(1, 21)])
+    time.sleep(1.2)  # let PostgreSQL publish the table's counters (the fingerprint)
     first = drive(services.start_run(pipeline.pk).pk)
     assert (first.state, first.records_written) == ("succeeded", 20)
     return pipeline
@@ -242,3 +245,40 @@ def test_backfill_needs_a_sink_key(api, backfill_pipeline):
     )
     assert response.status_code == 400
     assert "need a key" in str(response.json()["sink_options"])
+
+
+def test_resume_is_refused_after_the_table_changed(
+    api, events, pg_sink, sqlite_sink, sent
+):
+    source = Connector.objects.create(
+        name=unique("pgsrc"), kind="postgres", config=dict(pg_sink.config)
+    )
+    pipeline = Pipeline.objects.create(
+        name=unique("tbl"),
+        source=source,
+        source_options={"table": events.table},
+        steps=STEPS,
+        sink=sqlite_sink,
+        sink_options={"table": "events"},
+        chunk_rows=3,
+    )
+    services.freeze_version(pipeline)
+    events([(i, str(i), i) for i in range(1, 8)])
+    time.sleep(1.2)  # PostgreSQL publishes table statistics about once a second
+    run = services.start_run(pipeline.pk)
+    services.plan_run(run.pk)
+    services.cancel_run(run.pk)
+    assert Run.objects.get(pk=run.pk).source_fingerprint.startswith("pg:")
+    events([(100, "1", 1)])
+    deadline = time.monotonic() + 10
+    plugin_source = source.open_source()
+    while time.monotonic() < deadline:
+        if plugin_source.fingerprint({"table": events.table}) != (
+            Run.objects.get(pk=run.pk).source_fingerprint
+        ):
+            break
+        time.sleep(0.2)
+    plugin_source.close()
+    response = api.post(f"/api/v1/runs/{run.pk}/resume/", {}, format="json")
+    assert response.status_code == 409
+    assert "source changed since the run was planned" in response.json()["detail"]

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from connectors.models import Connector
-from integration import services
+from integration import orchestration, services
 from integration.models import ChunkRun, DeadLetter, Pipeline, Run
 from tests.helpers import unique
 
@@ -45,7 +45,14 @@ def test_cancel_queued_and_running_runs(api, csv_pipeline, sent):
     running = services.start_run(csv_pipeline.pk)
     services.plan_run(running.pk)
     assert ChunkRun.objects.filter(run=running, state="queued").count() == 1
+    chunk = ChunkRun.objects.get(run=running, state="queued")
     assert api.post(f"/api/v1/runs/{running.pk}/cancel/").status_code == 202
+    # The queued chunk's three tasks are revoked.
+    token = str(chunk.attempt_token)
+    assert sent[-1] == (
+        "revoke",
+        [f"{token}-extract", f"{token}-load", f"{token}-transform"],
+    )
     assert set(
         ChunkRun.objects.filter(run=running).values_list("state", flat=True)
     ) == {"skipped"}
@@ -227,3 +234,9 @@ def test_replay_creates_a_replay_run(api, letters, sent):
     services.plan_run(run.pk)
     (chunk,) = ChunkRun.objects.filter(run=run)
     assert chunk.spec == {"dead_letter_ids": sorted(dl.pk for dl in letters)}
+
+
+@pytest.mark.django_db
+def test_send_chunk_fixes_the_ids_of_its_three_tasks():
+    ids = orchestration.send_chunk(1, 0, "token", "cid")
+    assert len(ids) == len(set(ids)) == 3

@@ -548,6 +548,31 @@ class PostgresSource(PostgresClient, Source):
         checked = read_only_query(opts["query"], "postgres")
         return sql.SQL("({}) AS dis_query").format(sql.SQL(checked))  # type: ignore[arg-type]
 
+    def fingerprint(self, options: dict[str, Any]) -> str | None:
+        """The table's write counters (inserted, updated, deleted rows) and size: a
+        resumed run refuses to read a plan's key ranges again after they change.
+
+        PostgreSQL publishes these counters within about a second of a commit. A
+        query has no fingerprint (None).
+        """
+        opts = load_read_options(options)
+        if not opts["table"]:
+            return None
+        try:
+            with self._connection() as conn:
+                row = conn.execute(
+                    "SELECT s.n_tup_ins, s.n_tup_upd, s.n_tup_del, "
+                    "pg_relation_size(c.oid) FROM pg_class c "
+                    "LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid "
+                    "WHERE c.oid = to_regclass(%s)",
+                    [sql.Identifier(opts["schema"], opts["table"]).as_string(conn)],
+                ).fetchone()
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise self._failure(exc, f"fingerprinting {self._name(opts)}") from None
+        if row is None:
+            return None
+        return "pg:" + ":".join(str(v) for v in row)
+
     @staticmethod
     def _name(opts: dict[str, Any]) -> str:
         return f"{opts['schema']}.{opts['table']}" if opts["table"] else "query"
