@@ -11,15 +11,25 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-def wait_for_run(run_id: int, timeout: float = 180):
-    """Poll the database until the run is terminal; returns the run."""
+def wait_for_run(run_id: int, timeout: float = 180, *, reconcile_stale: int = 0):
+    """Poll the database until the run is terminal; returns the run.
+
+    With `reconcile_stale`, run the reconciler every 5 s as beat would, resending
+    work quiet for that many seconds (after a worker was killed, a message it was
+    about to publish is only ever resent by the reconciler).
+    """
+    from integration import housekeeping
     from integration.models import Run
 
     deadline = time.monotonic() + timeout
+    next_reconcile = time.monotonic() + 5
     while time.monotonic() < deadline:
         run = Run.objects.get(pk=run_id)
         if run.is_terminal:
             return run
+        if reconcile_stale and time.monotonic() > next_reconcile:
+            housekeeping.reconcile(stale_seconds=reconcile_stale)
+            next_reconcile = time.monotonic() + 5
         time.sleep(0.25)
     run = Run.objects.get(pk=run_id)
     chunks = list(

@@ -175,7 +175,7 @@ def test_sigkill_worker_mid_run_loses_and_duplicates_nothing(
     assert 2 <= run.chunks_done < run.chunks_total
 
     worker_factory("rescuer", concurrency=2)
-    run = wait_for_run(run.pk, timeout=240)
+    run = wait_for_run(run.pk, timeout=240, reconcile_stale=40)
     assert run.state == "succeeded", run.error
     assert run.records_written == PRISTINE_ROWS
     assert sink_checksums(pg_sink, table) == expected_checksums()
