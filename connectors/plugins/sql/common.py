@@ -175,6 +175,37 @@ def missing_columns(required: list[str], existing: set[str]) -> list[str]:
     return [name for name in required if name not in existing]
 
 
+def columns_to_add(
+    opts: dict[str, Any], types: dict[str, str], existing: set[str], label: str
+) -> list[str]:
+    """The data columns an existing table must gain (schema drift), in order.
+
+    Args:
+        opts: the loaded write options (`evolve` decides).
+        types: the wanted data columns and their SQL types.
+        existing: the table's column names.
+        label: the table as the error names it.
+
+    Raises:
+        TerminalError: columns are missing and may not (or, for system columns,
+            cannot) be added; the message names them.
+    """
+    missing = missing_columns([*types, *SYSTEM_COLUMNS], existing)
+    addable = [name for name in missing if name in types]
+    if opts["evolve"] == "add_columns" and addable == missing:
+        return addable
+    if missing:
+        hint = (
+            "add them or write to another table"
+            if opts["evolve"] == "add_columns"
+            else "add them, set evolve: add_columns, or write to another table"
+        )
+        raise TerminalError(
+            f"table {label} exists but lacks column(s) {', '.join(missing)}: {hint}"
+        )
+    return []
+
+
 def unsupported(field: pa.Field, dialect: str) -> ConfigError:
     """The error for an Arrow type a dialect cannot store."""
     return ConfigError(

@@ -45,12 +45,12 @@ from connectors.plugins.sql.alchemy import AlchemySource, SqlReadOptions, shared
 from connectors.plugins.sql.common import (
     SqlWriteOptions,
     check_key_columns,
+    columns_to_add,
     data_fields,
     index_name,
     is_json,
     last_row_per_key,
     load_write_options,
-    missing_columns,
     unsupported,
     with_system_columns,
 )
@@ -336,24 +336,10 @@ class MysqlSink(Sink):
         types: dict[str, str],
         existing: set[str],
     ) -> None:
-        missing = missing_columns([*types, *SYSTEM_COLUMNS], existing)
-        addable = [name for name in missing if name in types]
-        if opts["evolve"] == "add_columns" and addable == missing:
-            for name in addable:
-                conn.exec_driver_sql(
-                    f"ALTER TABLE {qualified} ADD COLUMN {self._quote(name)} "
-                    f"{types[name]}"
-                )
-            return
-        if missing:
-            hint = (
-                "add them or write to another table"
-                if opts["evolve"] == "add_columns"
-                else "add them, set evolve: add_columns, or write to another table"
-            )
-            raise TerminalError(
-                f"table {opts['schema']}.{opts['table']} exists but lacks "
-                f"column(s) {', '.join(missing)}: {hint}"
+        label = f"{opts['schema']}.{opts['table']}"
+        for name in columns_to_add(opts, types, existing, label):
+            conn.exec_driver_sql(
+                f"ALTER TABLE {qualified} ADD COLUMN {self._quote(name)} {types[name]}"
             )
 
     def _ensure_unique_key(

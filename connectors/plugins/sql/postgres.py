@@ -41,13 +41,13 @@ from connectors.exceptions import (
 from connectors.plugins.sql.common import (
     SqlWriteOptions,
     check_key_columns,
+    columns_to_add,
     data_fields,
     index_name,
     is_json,
     last_row_per_key,
     load_write_options,
     lock_key,
-    missing_columns,
     staging_table,
     unsupported,
     with_system_columns,
@@ -247,27 +247,14 @@ class PostgresSink(PostgresClient, Sink):
         existing: set[str],
     ) -> None:
         """Add the missing data columns when allowed, else fail naming them."""
-        missing = missing_columns([*types, *SYSTEM_COLUMNS], existing)
-        addable = [name for name in missing if name in types]
-        if opts["evolve"] == "add_columns" and addable == missing:
-            for name in addable:
-                conn.execute(
-                    sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-                        sql.Identifier(opts["schema"], table),
-                        sql.Identifier(name),
-                        sql.SQL(types[name]),
-                    )
+        label = f"{opts['schema']}.{table}"
+        for name in columns_to_add(opts, types, existing, label):
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                    sql.Identifier(opts["schema"], table),
+                    sql.Identifier(name),
+                    sql.SQL(types[name]),
                 )
-            return
-        if missing:
-            hint = (
-                "add them or write to another table"
-                if opts["evolve"] == "add_columns"
-                else "add them, set evolve: add_columns, or write to another table"
-            )
-            raise TerminalError(
-                f"table {opts['schema']}.{table} exists but lacks column(s) "
-                f"{', '.join(missing)}: {hint}"
             )
 
     @staticmethod

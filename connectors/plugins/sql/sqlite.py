@@ -26,7 +26,6 @@ from connectors.base import (
     CHUNK_SEQ_COLUMN,
     RUN_ID_COLUMN,
     SOURCE_REF_COLUMN,
-    SYSTEM_COLUMNS,
     Capabilities,
     CheckResult,
     Fence,
@@ -49,12 +48,12 @@ from connectors.plugins.sql.alchemy import (
 from connectors.plugins.sql.common import (
     SqlWriteOptions,
     check_key_columns,
+    columns_to_add,
     data_fields,
     index_name,
     is_json,
     last_row_per_key,
     load_write_options,
-    missing_columns,
     staging_table,
     unsupported,
     with_system_columns,
@@ -387,23 +386,10 @@ def _evolve(
     existing: set[str],
 ) -> None:
     """Add the missing data columns when allowed, else fail naming them."""
-    missing = missing_columns([*types, *SYSTEM_COLUMNS], existing)
-    addable = [name for name in missing if name in types]
-    if opts["evolve"] == "add_columns" and addable == missing:
-        for name in addable:
-            conn.execute(
-                f"ALTER TABLE {_quote(opts['schema'])}.{_quote(table)} "
-                f"ADD COLUMN {_quote(name)} {types[name]}"
-            )
-        return
-    if missing:
-        hint = (
-            "add them or write to another table"
-            if opts["evolve"] == "add_columns"
-            else "add them, set evolve: add_columns, or write to another table"
-        )
-        raise TerminalError(
-            f"table {table} exists but lacks column(s) {', '.join(missing)}: {hint}"
+    for name in columns_to_add(opts, types, existing, table):
+        conn.execute(
+            f"ALTER TABLE {_quote(opts['schema'])}.{_quote(table)} "
+            f"ADD COLUMN {_quote(name)} {types[name]}"
         )
 
 
