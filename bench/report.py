@@ -210,6 +210,29 @@ def api_section(results: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def engine_section(results: list[dict[str, Any]]) -> list[str]:
+    engine = [r for r in results if r["scenario"] == "engine"]
+    if not engine:
+        return []
+    r = engine[-1]
+    out = [
+        "### Engine alone (typed Arrow in and out, DuckDB at 1 thread)",
+        "",
+        "| pipeline | rows | rows per batch | wall s | CPU s | records/s (wall) "
+        "| records/s per core (CPU) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for line in r["lines"]:
+        out.append(
+            f"| {line['pipeline']} | {_n(line['rows'])} | {_n(line['batch_rows'])} "
+            f"| {_n(line['wall_seconds'])} | {_n(line['cpu_seconds'])} "
+            f"| {_n(line['records_per_s_wall'])} "
+            f"| {_n(line['records_per_s_per_core'])} |"
+        )
+    out += ["", f"Best of {r['repeats']}; measured {_when(r)}.", ""]
+    return out
+
+
 def profile_section(results: list[dict[str, Any]]) -> list[str]:
     profiles = [r for r in results if r["scenario"] == "profile"]
     if not profiles:
@@ -247,6 +270,7 @@ def render() -> str:
     lines += batch_section(results)
     lines += limits_section(results)
     lines += api_section(results)
+    lines += engine_section(results)
     lines += profile_section(results)
     if len(lines) == 2:
         lines += ["No results yet: run a scenario (see bench/README.md).", ""]

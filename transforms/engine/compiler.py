@@ -148,6 +148,10 @@ class CompiledPipeline:
         )
         self._plans: dict[_PlanKey, Plan] = {}
         self._safe_plans: dict[_PlanKey, Plan | None] = {}
+        # id(plan) -> the plan and the name its query is PREPAREd under: parsing
+        # and planning the query costs ~15 ms, paid once per plan, not per batch.
+        # Keyed by plan, not query text: two input schemas can give one text.
+        self._prepared: dict[int, tuple[Plan, str]] = {}
         self._aggregates: dict[_PlanKey, AggregateQueries] = {}
         last = self.steps[-1] if self.steps else None
         self._aggregate = last if isinstance(last, AggregateStep) else None
@@ -380,10 +384,13 @@ class CompiledPipeline:
         deduplicated = 0
         if plan.counts_dupes:
             deduplicated = int(pc.sum(result.column(DUPES)).as_py() or 0)
-        ok = pc.is_null(result.column(ERR))
-        good = result.filter(ok)
-        bad = result.filter(pc.invert(ok))
-        if pc.any(pc.is_valid(bad.column(RAISED))).as_py():
+        if result.column(ERR).null_count == result.num_rows:
+            good, bad = result, result.slice(0, 0)  # the common case: no errors
+        else:
+            ok = pc.is_null(result.column(ERR))
+            good = result.filter(ok)
+            bad = result.filter(pc.invert(ok))
+        if bad.num_rows and pc.any(pc.is_valid(bad.column(RAISED))).as_py():
             bad = self._diagnose_raised(table.schema, bad, work)
         filtered = rows_in - result.num_rows - len(failures) - deduplicated
         if plan.json_checks:
@@ -594,7 +601,14 @@ class CompiledPipeline:
     def _execute(self, plan: Plan, work: pa.Table) -> pa.Table:
         self.con.register(BATCH_VIEW, work)
         try:
-            return self.con.sql(plan.query()).to_arrow_table()
+            prepared = self._prepared.get(id(plan))
+            if prepared is None:
+                name = f"__engine_q{len(self._prepared)}"
+                self.con.execute(f"PREPARE {name} AS {plan.query()}")
+                self.con.complete()
+                prepared = self._prepared[id(plan)] = (plan, name)
+            name = prepared[1]
+            return self.con.sql(f"EXECUTE {name}").to_arrow_table()
         finally:
             self.con.unregister(BATCH_VIEW)
 
