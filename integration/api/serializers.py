@@ -13,7 +13,7 @@ from connectors.exceptions import ConfigError
 from connectors.models import Connector
 from connectors.ssrf import check_url
 from integration import services
-from integration.choices import WriteMode
+from integration.choices import ChunkState, WriteMode
 from integration.models import DeadLetter, Pipeline, PipelineVersion, Run
 
 
@@ -201,10 +201,14 @@ class RunSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(ChunkProgressSerializer)
     def get_chunks(self, run: Run) -> dict[str, int]:
+        if run.planned_at is None:  # chunks are created with planned_at: none yet
+            return dict.fromkeys(ChunkState.values, 0)
         return services.chunk_progress(run)
 
     @extend_schema_field(serializers.DictField())
     def get_stats(self, run: Run) -> dict[str, Any]:
+        if run.planned_at is None:  # a run just started: no chunk has stats
+            return {"references": {}}
         return services.run_stats(run)
 
 
