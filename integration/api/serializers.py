@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -215,9 +217,76 @@ class RunSerializer(serializers.ModelSerializer):
 class RunListSerializer(RunSerializer):
     """A run in a list (no per-chunk query)."""
 
+    # The list endpoint renders its rows with `run_list_rows` (same fields, same
+    # values) from `.values()`: building 150 model instances and running DRF's
+    # field machinery per row was most of a page's time. This documents the shape.
+
     class Meta(RunSerializer.Meta):
         fields = [f for f in RunSerializer.Meta.fields if f not in ("chunks", "stats")]
         read_only_fields = fields
+
+
+#: The columns `run_list_rows` reads, with the output field each one fills.
+RUN_LIST_COLUMNS = {
+    "id": "id",
+    "pipeline__name": "pipeline",
+    "version__number": "version",
+    "version__content_hash": "version_hash",
+    "state": "state",
+    "kind": "kind",
+    "trigger": "trigger",
+    "correlation_id": "correlation_id",
+    "chunks_total": "chunks_total",
+    "chunks_done": "chunks_done",
+    "records_read": "records_read",
+    "records_written": "records_written",
+    "records_rejected": "records_rejected",
+    "records_filtered": "records_filtered",
+    "records_dead_lettered": "records_dead_lettered",
+    "error": "error",
+    "created_at": "created_at",
+    "started_at": "started_at",
+    "finished_at": "finished_at",
+}
+_DATETIME = serializers.DateTimeField()
+
+
+def run_list_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`RunListSerializer`'s output for rows of `.values(*RUN_LIST_COLUMNS)`."""
+    now = timezone.now()
+    out = []
+    for row in rows:
+        started, finished = row["started_at"], row["finished_at"]
+        read = row["records_read"]
+        item = {
+            "id": row["id"],
+            "pipeline": row["pipeline__name"],
+            "version": row["version__number"],
+            "version_hash": row["version__content_hash"],
+            "state": row["state"],
+            "kind": row["kind"],
+            "trigger": row["trigger"],
+            "correlation_id": row["correlation_id"],
+            "chunks_total": row["chunks_total"],
+            "chunks_done": row["chunks_done"],
+            "records_read": read,
+            "records_written": row["records_written"],
+            "records_rejected": row["records_rejected"],
+            "records_filtered": row["records_filtered"],
+            "records_dead_lettered": row["records_dead_lettered"],
+            "rejected_ratio": row["records_rejected"] / read if read else 0.0,
+            "error": row["error"],
+            "created_at": _DATETIME.to_representation(row["created_at"]),
+            "started_at": _DATETIME.to_representation(started) if started else None,
+            "finished_at": _DATETIME.to_representation(finished) if finished else None,
+            "duration_seconds": (
+                round(((finished or now) - started).total_seconds(), 3)
+                if started
+                else None
+            ),
+        }
+        out.append({name: item[name] for name in RunListSerializer.Meta.fields})
+    return out
 
 
 class StartRunSerializer(serializers.Serializer):
