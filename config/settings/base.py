@@ -238,6 +238,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "integration.event_triggers",
         "schedule": env.float("DIS_EVENT_TRIGGER_INTERVAL_SECONDS", default=15.0),
     },
+    "file-triggers": {
+        "task": "integration.file_triggers",
+        "schedule": env.float("DIS_FILE_TRIGGER_INTERVAL_SECONDS", default=15.0),
+    },
     "purge-expired": {
         "task": "integration.purge",
         "schedule": env.float("DIS_PURGE_INTERVAL_SECONDS", default=3600.0),
