@@ -3,8 +3,8 @@
 A file is fetched through the SSRF guard (the URL's host is resolved once, checked,
 and the connection goes to the checked address; every redirect hop is checked
 again), streamed to a temporary file in bounded memory, and moved into the local
-cache under its SHA-256 only once its byte size and SHA-256 equal what the event
-announced. Nothing is parsed before that. Pure Python (no Django).
+cache (named by its file id and SHA-256) only once its byte size and SHA-256 equal
+what the event announced. Nothing is parsed before that. Pure Python (no Django).
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class Downloader:
         Args:
             event: the announced file.
             cache_dir: the local cache folder.
-            name: the file name in the cache (the SHA-256 plus a format suffix).
+            name: the file name in the cache (file id key, SHA-256, format suffix).
 
         Returns:
             The path of the verified file.

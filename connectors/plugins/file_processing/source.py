@@ -12,6 +12,7 @@ Every record's `_source_ref` is `<file_id>#<record number>`. Pure Python (no Dja
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,7 +159,10 @@ class FileProcessingSource(Source):
     def _local_name(settings: dict[str, Any]) -> str:
         suffix = EXTENSIONS[settings["format"]][0]
         suffix += _COMPRESSION_EXT.get(settings["compression"], "")
-        return f"{str(settings['sha256']).lower()}{suffix}"
+        # Per file_id too: another event announcing the same checksum gets its own
+        # download (and verification) from its own URL.
+        file_key = hashlib.sha256(str(settings["file_id"]).encode()).hexdigest()[:16]
+        return f"{file_key}-{str(settings['sha256']).lower()}{suffix}"
 
     def _files_source(self, settings: dict[str, Any]) -> FilesSource:
         """A `files` source over the cache folder with the run's parse options."""
