@@ -266,3 +266,45 @@ def pin_url(url: str, allowed_networks: tuple[str, ...] | list[str]) -> PinnedUr
         host_header += f":{resolved.port}"
     sni = resolved.host if resolved.scheme == "https" else None
     return PinnedUrl(pinned, host_header, sni, resolved)
+
+
+class UnsafeHostError(ConfigError):
+    """A database or Kafka host that resolves to a non-public, non-allowed address."""
+
+
+def check_host(
+    host: str, port: int, allowed_networks: tuple[str, ...] | list[str]
+) -> tuple[str, ...]:
+    """Refuse a database or Kafka broker host that reaches a non-public address.
+
+    The same address rules as for URLs, with the data allow-list (a separate setting:
+    the networks databases and brokers live in are not those webhooks may reach).
+    The drivers (libpq, PyMySQL, librdkafka) resolve the name again when they
+    connect, so this check is not pinned to the address it saw.
+
+    Args:
+        host: a host name or an IP address (IPv6 with or without brackets).
+        port: the port (for the resolver).
+        allowed_networks: CIDRs that may be reached although not public.
+
+    Returns:
+        The checked addresses; empty when the name does not resolve (the
+        connection then fails by itself).
+
+    Raises:
+        UnsafeHostError: (a `ConfigError`) the host resolves to a refused address.
+        TransientError: the resolver failed temporarily.
+    """
+    networks = parse_networks(allowed_networks)
+    name = host.strip().removeprefix("[").removesuffix("]").lower()
+    try:
+        addresses = _resolve(name, port)
+    except UnsafeUrlError:
+        return ()
+    refused = [a for a in addresses if not is_allowed(a, networks)]
+    if refused:
+        raise UnsafeHostError(
+            f"host {name!r} resolves to a non-public address ({refused[0]}); add "
+            "its network to the database and Kafka allow-list if this is intended"
+        )
+    return tuple(str(a) for a in addresses)
