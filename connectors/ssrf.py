@@ -308,3 +308,28 @@ def check_host(
             "its network to the database and Kafka allow-list if this is intended"
         )
     return tuple(str(a) for a in addresses)
+
+
+def resolve_host(
+    host: str, port: int, allowed_networks: tuple[str, ...] | list[str]
+) -> tuple[str, ...]:
+    """Resolve `host` and return its addresses, all checked by the guard.
+
+    For clients that resolve at connection time through a hook (the S3 client's
+    aiohttp resolver): they connect to exactly what this returns.
+
+    Raises:
+        UnsafeUrlError: (a `ConfigError`) the host does not resolve, or resolves to
+            a refused address.
+        TransientError: the resolver failed temporarily.
+    """
+    name = host.strip().removeprefix("[").removesuffix("]").lower()
+    networks = parse_networks(allowed_networks)
+    addresses = _resolve(name, port)
+    refused = [a for a in addresses if not is_allowed(a, networks)]
+    if refused:
+        raise UnsafeUrlError(
+            f"host {name!r} resolves to a non-public address ({refused[0]}); "
+            "add its network to the allow-list if this is intended"
+        )
+    return tuple(str(a) for a in addresses)
