@@ -5,6 +5,7 @@ from __future__ import annotations
 from rest_framework.routers import DefaultRouter
 
 from connectors.api.views import ConnectorViewSet, CredentialViewSet
+from integration.api.file_triggers import FileTriggerViewSet
 from integration.api.views import DeadLetterViewSet, PipelineViewSet, RunViewSet
 from integration.api.workflows import WorkflowRunViewSet, WorkflowViewSet
 from transforms.api.views import MappingViewSet, SchemaSubjectViewSet
@@ -17,6 +18,7 @@ router.register("runs", RunViewSet)
 router.register("dead-letters", DeadLetterViewSet)
 router.register("workflows", WorkflowViewSet)
 router.register("workflow-runs", WorkflowRunViewSet)
+router.register("file-triggers", FileTriggerViewSet)
 router.register("schemas", SchemaSubjectViewSet)
 router.register("mappings", MappingViewSet)
 

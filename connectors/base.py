@@ -84,12 +84,16 @@ class ConnectorContext:
         allowed_networks: CIDRs a user-supplied URL may reach although private or
             link-local (the SSRF guard's allow-list).
         correlation_id: sent on outgoing requests and messages.
+        data_allowed_networks: CIDRs a database or Kafka host may resolve to
+            although private; None (a plugin used outside the service) checks
+            nothing.
     """
 
     name: str = ""
     redis_url: str | None = None
     allowed_networks: tuple[str, ...] = ()
     correlation_id: str | None = None
+    data_allowed_networks: tuple[str, ...] | None = None
 
 
 #: Called by a sink inside its write transaction, after taking the chunk lock and
@@ -210,6 +214,34 @@ class Plugin:
     write_options_schema: ClassVar[type[marshmallow.Schema] | None] = None
 
     @classmethod
+    def data_hosts(cls, config: dict[str, Any]) -> list[tuple[str, str, int]]:
+        """The (config field, host, port) of the database or broker hosts the
+        connector connects to (kinds that have some: postgres, mysql, kafka)."""
+        return []
+
+    @classmethod
+    def check_data_hosts(
+        cls, config: dict[str, Any], context: ConnectorContext | None
+    ) -> None:
+        """Refuse hosts outside the context's data allow-list (see `check_host`).
+
+        Raises:
+            ConfigError: naming the field, with `.errors` mapping it to the reason.
+            TransientError: the resolver failed temporarily.
+        """
+        if context is None or context.data_allowed_networks is None:
+            return
+        from connectors.ssrf import check_host
+
+        for name, host, port in cls.data_hosts(config):
+            try:
+                check_host(host, port, context.data_allowed_networks)
+            except ConfigError as exc:
+                error = type(exc)(f"{name}: {exc}")
+                error.errors = {name: [str(exc)]}
+                raise error from None
+
+    @classmethod
     def secret_fields(cls) -> tuple[str, ...]:
         return secret_field_names(cls.config_schema)
 
@@ -291,6 +323,7 @@ class Plugin:
     ) -> Source:
         if cls.source_class is None:
             raise ConfigError(f"connector kind {cls.kind!r} cannot be a source")
+        cls.check_data_hosts(config, context)
         return cls.source_class(config, context)
 
     @classmethod
@@ -299,6 +332,7 @@ class Plugin:
     ) -> Sink:
         if cls.sink_class is None:
             raise ConfigError(f"connector kind {cls.kind!r} cannot be a sink")
+        cls.check_data_hosts(config, context)
         return cls.sink_class(config, context)
 
     @classmethod

@@ -91,7 +91,9 @@ class Connector(models.Model):
         except RegistryError as exc:
             raise ValidationError({"kind": str(exc)}) from None
         try:
-            plugin.load_config(self.config or {}, self._secrets_for_validation())
+            loaded = plugin.load_config(
+                self.config or {}, self._secrets_for_validation()
+            )
         except ConfigError as exc:
             errors = getattr(exc, "errors", None) or {"config": [str(exc)]}
             raise ValidationError(
@@ -101,9 +103,9 @@ class Connector(models.Model):
                     ]
                 }
             ) from None
-        from connectors.services import unsafe_urls
+        from connectors.services import unsafe_hosts, unsafe_urls
 
-        unsafe = unsafe_urls(plugin, self.config or {})
+        unsafe = unsafe_urls(plugin, self.config or {}) or unsafe_hosts(plugin, loaded)
         if unsafe:
             raise ValidationError(
                 {"config": [f"{k}: {', '.join(v)}" for k, v in unsafe.items()]}
@@ -119,12 +121,13 @@ class Connector(models.Model):
         )
 
     def context(self, correlation_id: str | None = None) -> ConnectorContext:
-        """What the plugin may use of the service: shared Redis, the SSRF allow-list."""
+        """What the plugin may use of the service: shared Redis, the allow-lists."""
         return ConnectorContext(
             name=self.name,
             redis_url=settings.REDIS_URL or None,
             allowed_networks=tuple(settings.DIS_ALLOWED_NETWORKS),
             correlation_id=correlation_id,
+            data_allowed_networks=tuple(settings.DIS_DATA_ALLOWED_NETWORKS),
         )
 
     def open_source(self, correlation_id: str | None = None) -> Any:

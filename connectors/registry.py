@@ -26,6 +26,7 @@ BUILTIN_KINDS: dict[str, str] = {
     "sqlite": "connectors.plugins.sql:SqlitePlugin",
     "mysql": "connectors.plugins.sql:MysqlPlugin",
     "rest": "connectors.plugins.rest:RestPlugin",
+    "file_processing": "connectors.plugins.file_processing:FileProcessingPlugin",
 }
 
 

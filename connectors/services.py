@@ -107,3 +107,26 @@ def unsafe_urls(plugin: Any, config: dict[str, Any]) -> dict[str, list[str]]:
         except ConfigError as exc:
             refused[name] = [str(exc)]
     return refused
+
+
+def unsafe_hosts(plugin: Any, config: dict[str, Any]) -> dict[str, list[str]]:
+    """The database/Kafka host fields the data allow-list refuses (field -> reason).
+
+    `config` is the loaded config (defaults filled in). Checked when a connector is
+    saved, so a refusal is a 400 naming the field; the plugins check again when
+    they are opened or tested (`Plugin.check_data_hosts`). A resolver that fails
+    temporarily does not block the save.
+    """
+    from connectors.base import ConnectorContext
+    from connectors.exceptions import TransientError
+
+    context = ConnectorContext(
+        data_allowed_networks=tuple(settings.DIS_DATA_ALLOWED_NETWORKS)
+    )
+    try:
+        plugin.check_data_hosts(config, context)
+    except ConfigError as exc:
+        return dict(getattr(exc, "errors", None) or {"config": [str(exc)]})
+    except TransientError:
+        return {}
+    return {}

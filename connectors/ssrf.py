@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from connectors.exceptions import ConfigError, TransientError
 
@@ -209,3 +209,127 @@ def check_url(url: str, allowed_networks: tuple[str, ...] | list[str]) -> None:
         TransientError: the resolver failed temporarily.
     """
     resolve_url(url, allowed_networks)
+
+
+@dataclass(frozen=True)
+class PinnedUrl:
+    """A request target that connects to the address the guard checked.
+
+    Send the request to `url` (the host replaced by the checked address) with the
+    `Host` header `host_header`; for https pass `sni_hostname` to the TLS layer (in
+    httpx: `extensions={"sni_hostname": ...}`) so the certificate is verified for
+    the name, not the address.
+
+    Attributes:
+        url: the URL with its host replaced by the first checked address.
+        host_header: the original host (and port when not the default).
+        sni_hostname: the name for TLS SNI and certificate checks (https only).
+        resolved: what the guard checked.
+    """
+
+    url: str
+    host_header: str
+    sni_hostname: str | None
+    resolved: ResolvedUrl
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        """httpx request extensions: the SNI name of an https request."""
+        return {"sni_hostname": self.sni_hostname} if self.sni_hostname else {}
+
+
+def pin_url(url: str, allowed_networks: tuple[str, ...] | list[str]) -> PinnedUrl:
+    """Check `url` with the guard and build the pinned request target for it.
+
+    The one place the pinned-connection approach lives (REST connector, webhooks,
+    File Processing Service downloads): call it again for every redirect hop.
+
+    Raises:
+        UnsafeUrlError: (a `ConfigError`) when the URL is refused.
+        TransientError: the resolver failed temporarily.
+    """
+    resolved = resolve_url(url, allowed_networks)
+    parts = urlsplit(url)
+    address = resolved.addresses[0]
+    netloc = f"[{address}]" if ":" in address else address
+    pinned = urlunsplit(
+        (
+            parts.scheme.lower(),
+            f"{netloc}:{resolved.port}",
+            parts.path or "/",
+            parts.query,
+            "",
+        )
+    )
+    host_header = f"[{resolved.host}]" if ":" in resolved.host else resolved.host
+    if resolved.port != DEFAULT_PORTS[resolved.scheme]:
+        host_header += f":{resolved.port}"
+    sni = resolved.host if resolved.scheme == "https" else None
+    return PinnedUrl(pinned, host_header, sni, resolved)
+
+
+class UnsafeHostError(ConfigError):
+    """A database or Kafka host that resolves to a non-public, non-allowed address."""
+
+
+def check_host(
+    host: str, port: int, allowed_networks: tuple[str, ...] | list[str]
+) -> tuple[str, ...]:
+    """Refuse a database or Kafka broker host that reaches a non-public address.
+
+    The same address rules as for URLs, with the data allow-list (a separate setting:
+    the networks databases and brokers live in are not those webhooks may reach).
+    The drivers (libpq, PyMySQL, librdkafka) resolve the name again when they
+    connect, so this check is not pinned to the address it saw.
+
+    Args:
+        host: a host name or an IP address (IPv6 with or without brackets).
+        port: the port (for the resolver).
+        allowed_networks: CIDRs that may be reached although not public.
+
+    Returns:
+        The checked addresses; empty when the name does not resolve (the
+        connection then fails by itself).
+
+    Raises:
+        UnsafeHostError: (a `ConfigError`) the host resolves to a refused address.
+        TransientError: the resolver failed temporarily.
+    """
+    networks = parse_networks(allowed_networks)
+    name = host.strip().removeprefix("[").removesuffix("]").lower()
+    try:
+        addresses = _resolve(name, port)
+    except UnsafeUrlError:
+        return ()
+    refused = [a for a in addresses if not is_allowed(a, networks)]
+    if refused:
+        raise UnsafeHostError(
+            f"host {name!r} resolves to a non-public address ({refused[0]}); add "
+            "its network to the database and Kafka allow-list if this is intended"
+        )
+    return tuple(str(a) for a in addresses)
+
+
+def resolve_host(
+    host: str, port: int, allowed_networks: tuple[str, ...] | list[str]
+) -> tuple[str, ...]:
+    """Resolve `host` and return its addresses, all checked by the guard.
+
+    For clients that resolve at connection time through a hook (the S3 client's
+    aiohttp resolver): they connect to exactly what this returns.
+
+    Raises:
+        UnsafeUrlError: (a `ConfigError`) the host does not resolve, or resolves to
+            a refused address.
+        TransientError: the resolver failed temporarily.
+    """
+    name = host.strip().removeprefix("[").removesuffix("]").lower()
+    networks = parse_networks(allowed_networks)
+    addresses = _resolve(name, port)
+    refused = [a for a in addresses if not is_allowed(a, networks)]
+    if refused:
+        raise UnsafeUrlError(
+            f"host {name!r} resolves to a non-public address ({refused[0]}); "
+            "add its network to the allow-list if this is intended"
+        )
+    return tuple(str(a) for a in addresses)

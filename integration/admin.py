@@ -17,6 +17,7 @@ from integration.exceptions import PipelinePausedError, ResumeRefusedError
 from integration.models import (
     ChunkRun,
     DeadLetter,
+    FileTrigger,
     NodeRun,
     Pipeline,
     PipelineVersion,
@@ -372,3 +373,55 @@ class WorkflowRunAdmin(ReadOnlyAdmin):
             self.message_user(
                 request, f"workflow run {wrun.pk}: {'cancelled' if done else 'ended'}"
             )
+
+
+@admin.register(FileTrigger)
+class FileTriggerAdmin(admin.ModelAdmin):
+    """File Processing Service bindings: topic + name/type globs -> pipeline."""
+
+    list_display = [
+        "name",
+        "connector",
+        "topic",
+        "filename_pattern",
+        "content_type",
+        "pipeline",
+        "is_paused",
+        "runs_started",
+        "duplicates",
+        "refused",
+        "topic_malformed",
+        "topic_unmatched",
+        "last_event_at",
+    ]
+    list_filter = ["is_paused", "connector", "pipeline"]
+    search_fields = [
+        "name",
+        "description",
+        "topic",
+        "filename_pattern",
+        "content_type",
+        "pipeline__name",
+    ]
+    list_select_related = ["connector", "pipeline"]
+    autocomplete_fields = ["pipeline"]
+    readonly_fields = [
+        "runs_started",
+        "duplicates",
+        "refused",
+        "topic_malformed",
+        "topic_unmatched",
+        "last_event_at",
+        "last_error",
+        "created_at",
+        "updated_at",
+    ]
+    actions = ["pause", "resume"]
+
+    @admin.action(description="Pause the selected file triggers")
+    def pause(self, request: HttpRequest, queryset: QuerySet[FileTrigger]) -> None:
+        self.message_user(request, f"{queryset.update(is_paused=True)} paused")
+
+    @admin.action(description="Resume the selected file triggers")
+    def resume(self, request: HttpRequest, queryset: QuerySet[FileTrigger]) -> None:
+        self.message_user(request, f"{queryset.update(is_paused=False)} resumed")

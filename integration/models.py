@@ -539,3 +539,84 @@ class NodeRun(models.Model):
 
     def __str__(self) -> str:
         return f"{self.node} in workflow run {self.workflow_run_id} ({self.state})"
+
+
+class FileTrigger(models.Model):
+    """Binds File Processing Service events on a Kafka topic to a pipeline.
+
+    An event whose file name matches `filename_pattern` (a glob; matched against
+    the whole URL path when the pattern contains `/`) and whose media type matches
+    `content_type` (a glob such as `text/csv` or `application/*`) starts one run of
+    `pipeline` with the event in the run's source options. The counters are kept
+    by the consumer: the topic's malformed and unmatched events count on every
+    active binding of that topic.
+    """
+
+    name = models.SlugField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    connector = models.ForeignKey(
+        Connector,
+        on_delete=models.PROTECT,
+        related_name="file_triggers",
+        help_text="The kafka connector of the topic the events arrive on.",
+    )
+    topic = models.CharField(max_length=249)
+    pipeline = models.ForeignKey(
+        Pipeline,
+        on_delete=models.CASCADE,
+        related_name="file_triggers",
+        help_text="Its source must be a file_processing connector.",
+    )
+    filename_pattern = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="Glob on the file name, e.g. `orders-*.csv` (blank: any name).",
+    )
+    content_type = models.CharField(
+        max_length=100,
+        blank=True,
+        help_text="Glob on the media type, e.g. `text/csv` (blank: any type).",
+    )
+    is_paused = models.BooleanField(default=False)
+    runs_started = models.PositiveBigIntegerField(default=0, editable=False)
+    duplicates = models.PositiveBigIntegerField(
+        default=0, editable=False, help_text="Redelivered events (no second run)."
+    )
+    refused = models.PositiveBigIntegerField(
+        default=0,
+        editable=False,
+        help_text="Matching events no run was started for (pipeline paused...).",
+    )
+    topic_malformed = models.PositiveBigIntegerField(default=0, editable=False)
+    topic_unmatched = models.PositiveBigIntegerField(default=0, editable=False)
+    last_event_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_error = models.TextField(blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        indexes = [models.Index(fields=["connector", "topic"])]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        from connectors.plugins.kafka.client import TOPIC_RE
+
+        errors: dict[str, str] = {}
+        if not (self.filename_pattern or self.content_type):
+            errors["filename_pattern"] = (
+                "Give a file name pattern, a content type or both (`*` matches any "
+                "name)."
+            )
+        if self.connector_id and self.connector.kind != "kafka":
+            errors["connector"] = "Must be a kafka connector."
+        if self.topic and (not TOPIC_RE.match(self.topic) or self.topic in (".", "..")):
+            errors["topic"] = "Not a valid Kafka topic name."
+        if self.pipeline_id and self.pipeline.source.kind != "file_processing":
+            errors["pipeline"] = (
+                "The pipeline's source must be a file_processing connector."
+            )
+        if errors:
+            raise ValidationError(errors)

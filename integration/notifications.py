@@ -7,8 +7,6 @@ Redirects are not followed. The correlation id travels in `X-Correlation-ID`.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
-
 import httpx
 import orjson
 import structlog
@@ -16,7 +14,7 @@ from django.conf import settings
 
 from config import correlation
 from connectors.exceptions import TransientError
-from connectors.ssrf import resolve_url
+from connectors.ssrf import pin_url
 from integration.models import Run
 
 logger = structlog.get_logger(__name__)
@@ -52,30 +50,22 @@ def notify(run_id: int) -> int | None:
     run = Run.objects.select_related("pipeline", "version").filter(pk=run_id).first()
     if run is None or not run.pipeline.notify_url:
         return None
-    url = run.pipeline.notify_url
-    resolved = resolve_url(url, tuple(settings.DIS_ALLOWED_NETWORKS))
-    parts = urlsplit(url)
-    address = resolved.addresses[0]
-    netloc = f"[{address}]" if ":" in address else address
-    pinned = urlunsplit(
-        (parts.scheme, f"{netloc}:{resolved.port}", parts.path or "/", parts.query, "")
-    )
-    host_header = parts.netloc.rpartition("@")[2]
+    target = pin_url(run.pipeline.notify_url, tuple(settings.DIS_ALLOWED_NETWORKS))
     try:
         # trust_env off: an environment proxy must not get around the guard.
         with httpx.Client(
             trust_env=False, timeout=TIMEOUT_SECONDS, follow_redirects=False
         ) as client:
             response = client.post(
-                pinned,
+                target.url,
                 content=orjson.dumps(payload(run)),
                 headers={
-                    "Host": host_header,
+                    "Host": target.host_header,
                     "Content-Type": "application/json",
                     correlation.HEADER: run.correlation_id,
                     "User-Agent": "data-integration-service",
                 },
-                extensions={"sni_hostname": resolved.host},
+                extensions=target.extensions,
             )
     except httpx.HTTPError as exc:
         raise TransientError(f"webhook unreachable: {type(exc).__name__}") from None

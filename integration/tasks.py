@@ -322,3 +322,11 @@ def event_triggers() -> list[int]:
     from integration import workflows
 
     return workflows.fire_event_triggers()
+
+
+@shared_task(name="integration.file_triggers", **_LIMITS)
+def file_triggers() -> dict[str, int]:
+    """Periodic: start the runs that File Processing Service events ask for."""
+    from integration import file_triggers as triggers
+
+    return triggers.consume_file_events()

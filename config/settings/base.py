@@ -238,6 +238,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "integration.event_triggers",
         "schedule": env.float("DIS_EVENT_TRIGGER_INTERVAL_SECONDS", default=15.0),
     },
+    "file-triggers": {
+        "task": "integration.file_triggers",
+        "schedule": env.float("DIS_FILE_TRIGGER_INTERVAL_SECONDS", default=15.0),
+    },
     "purge-expired": {
         "task": "integration.purge",
         "schedule": env.float("DIS_PURGE_INTERVAL_SECONDS", default=3600.0),
@@ -272,6 +276,10 @@ DIS_ENGINE_MEMORY_LIMIT = env.str("DIS_ENGINE_MEMORY_LIMIT", default="1GB")
 #: Private or link-local networks (CIDRs) that user-supplied URLs may reach anyway
 #: (the SSRF guard denies them otherwise), e.g. "10.1.0.0/16,127.0.0.1/32".
 DIS_ALLOWED_NETWORKS = env.list("DIS_ALLOWED_NETWORKS", default=[])
+#: The same for database (postgres, mysql) and Kafka broker hosts: checked when such
+#: a connector is saved (400 naming the field), tested or opened. Empty in
+#: production: a private database needs its network listed, e.g. "10.20.0.0/16".
+DIS_DATA_ALLOWED_NETWORKS = env.list("DIS_DATA_ALLOWED_NETWORKS", default=[])
 
 # --- Secrets --------------------------------------------------------------------
 #: Fernet keys, newest first (comma-separated). The first encrypts; all decrypt.

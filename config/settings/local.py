@@ -30,5 +30,10 @@ if not SECRET_KEY:  # noqa: F405
         _key_file.chmod(0o600)
     SECRET_KEY = _key_file.read_text().strip()
 
+#: One machine: the database and Kafka connectors of `make run` are on loopback.
+DIS_DATA_ALLOWED_NETWORKS = env.list(
+    "DIS_DATA_ALLOWED_NETWORKS", default=["127.0.0.0/8", "::1/128"]
+)
+
 #: Generate a Fernet key once into the git-ignored local folder when none is set.
 DIS_ENCRYPTION_KEYS_GENERATE = True

@@ -19,6 +19,8 @@ os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/14")
 os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("DIS_STAGING_PREFIX", f"dis:{CHECKOUT_TAG}:stage")
 os.environ.setdefault("LOG_LEVEL", "INFO")
+# The machine's PostgreSQL, MariaDB and the Tansu brokers are on loopback.
+os.environ.setdefault("DIS_DATA_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")
 
 from config.settings.base import *  # noqa: E402, F403
 from config.settings.base import LOCAL_DIR  # noqa: E402

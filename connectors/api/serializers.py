@@ -140,11 +140,15 @@ class ConnectorSerializer(serializers.ModelSerializer):
         credential = attrs.get("credential", getattr(self.instance, "credential", None))
         plugin = registry.get_plugin(kind)
         try:
-            plugin.load_config(config, credential.get_secrets() if credential else {})
+            loaded = plugin.load_config(
+                config, credential.get_secrets() if credential else {}
+            )
         except ConfigError as exc:
             errors = getattr(exc, "errors", None) or {"config": [str(exc)]}
             raise serializers.ValidationError({"config": dict(errors)}) from None
-        unsafe = services.unsafe_urls(plugin, config)
+        unsafe = services.unsafe_urls(plugin, config) or services.unsafe_hosts(
+            plugin, loaded
+        )
         if unsafe:
             raise serializers.ValidationError({"config": unsafe})
         return attrs

@@ -464,6 +464,56 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def guarded_resolver(context: ConnectorContext) -> Any:
+    """An aiohttp resolver that passes every host name through the SSRF guard.
+
+    aiohttp connects to the addresses a resolver returns, so the addresses the guard
+    checked are the ones connected to (no second lookup). A refused or unresolvable
+    name raises `OSError`, which the S3 client reports as a connection failure.
+    """
+    import asyncio
+    import socket
+
+    from aiohttp.abc import AbstractResolver, ResolveResult
+
+    from connectors.exceptions import ConnectorError
+    from connectors.ssrf import resolve_host
+
+    allowed = tuple(context.allowed_networks)
+
+    class GuardedResolver(AbstractResolver):
+        async def resolve(
+            self, host: str, port: int = 0, family: int = socket.AF_INET
+        ) -> list[ResolveResult]:
+            try:
+                addresses = await asyncio.to_thread(resolve_host, host, port, allowed)
+            except ConnectorError as exc:
+                raise OSError(f"S3 endpoint refused by the SSRF guard: {exc}") from None
+            results: list[ResolveResult] = []
+            for address in addresses:
+                af = socket.AF_INET6 if ":" in address else socket.AF_INET
+                if family in (socket.AF_INET, socket.AF_INET6) and af != family:
+                    continue
+                results.append(
+                    ResolveResult(
+                        hostname=host,
+                        host=address,
+                        port=port,
+                        family=af,
+                        proto=0,
+                        flags=socket.AI_NUMERICHOST,
+                    )
+                )
+            if not results:
+                raise OSError(f"host {host!r} has no address of the wanted family")
+            return results
+
+        async def close(self) -> None:
+            return None
+
+    return GuardedResolver()
+
+
 class S3Storage(Storage):
     """Objects under a key prefix of an S3-compatible bucket, through s3fs.
 
@@ -495,6 +545,11 @@ class S3Storage(Storage):
                 from connectors.ssrf import check_url
 
                 check_url(endpoint, self.context.allowed_networks)
+            # The client resolves every host name through the guard when it
+            # connects, and connects to the addresses the guard checked: a DNS
+            # answer that changes after the check above cannot reach the private
+            # network (DNS rebinding). IP literals are not resolved at all.
+            connector_args = {"resolver": guarded_resolver(self.context)}
             client_kwargs: dict[str, Any] = {}
             if self.config.get("region"):
                 client_kwargs["region_name"] = self.config["region"]
@@ -511,6 +566,7 @@ class S3Storage(Storage):
                     "connect_timeout": 10,
                     "read_timeout": 60,
                     "retries": {"max_attempts": 2, "mode": "standard"},
+                    "connector_args": connector_args,
                 },
                 default_block_size=BLOCK_SIZE,
                 use_listings_cache=False,

@@ -54,6 +54,14 @@ class KafkaPlugin(Plugin):
     write_options_schema = KafkaWriteOptions
 
     @classmethod
+    def data_hosts(cls, config: dict[str, Any]) -> list[tuple[str, str, int]]:
+        hosts = []
+        for server in str(config["bootstrap_servers"]).split(","):
+            host, _, port = server.strip().rpartition(":")
+            hosts.append(("bootstrap_servers", host, int(port)))
+        return hosts
+
+    @classmethod
     def run_action(
         cls,
         config: dict[str, Any],
@@ -65,6 +73,7 @@ class KafkaPlugin(Plugin):
         `match` (e.g. a File Processing Service event for a content type)."""
         if action != "wait_event":
             return super().run_action(config, action, params, context)
+        cls.check_data_hosts(config, context)
         return wait_for_event(config, params, context)
 
 

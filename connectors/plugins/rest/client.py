@@ -33,7 +33,7 @@ import orjson
 from connectors.base import ConnectorContext
 from connectors.exceptions import ConfigError, TerminalError, TransientError
 from connectors.resilience import CircuitOpenError, RateLimiter, SharedBreaker
-from connectors.ssrf import resolve_url
+from connectors.ssrf import pin_url, resolve_url
 
 MAX_REDIRECTS = 5
 EXCERPT_BYTES = 300
@@ -554,26 +554,16 @@ class RestClient:
         """One request, its redirects checked hop by hop; 5xx raise TransientError."""
         deadline = time.monotonic() + self.timeout
         for _ in range(MAX_REDIRECTS + 1):
-            resolved = resolve_url(url, self.context.allowed_networks)
-            address = resolved.addresses[0]
-            target = httpx.URL(url).copy_with(host=address)
-            default_port = {"http": 80, "https": 443}[resolved.scheme]
-            host_header = (
-                f"[{resolved.host}]" if ":" in resolved.host else resolved.host
-            )
-            if resolved.port != default_port:
-                host_header += f":{resolved.port}"
-            extensions: dict[str, Any] = {}
-            if resolved.scheme == "https":
-                extensions["sni_hostname"] = resolved.host
+            target = pin_url(url, self.context.allowed_networks)
+            resolved = target.resolved
             try:
                 with self.http.stream(
                     method,
-                    target,
+                    target.url,
                     params=params or None,
                     content=body,
-                    headers={**headers, "Host": host_header},
-                    extensions=extensions,
+                    headers={**headers, "Host": target.host_header},
+                    extensions=target.extensions,
                 ) as response:
                     status = response.status_code
                     location = response.headers.get("location")

@@ -558,3 +558,7 @@ class MysqlPlugin(Plugin):
     sink_class = MysqlSink
     read_options_schema = SqlReadOptions
     write_options_schema = SqlWriteOptions
+
+    @classmethod
+    def data_hosts(cls, config: dict[str, Any]) -> list[tuple[str, str, int]]:
+        return [("host", str(config["host"]), int(config.get("port") or 3306))]

@@ -551,6 +551,10 @@ class PostgresPlugin(Plugin):
     write_options_schema = SqlWriteOptions
 
     @classmethod
+    def data_hosts(cls, config: dict[str, Any]) -> list[tuple[str, str, int]]:
+        return [("host", str(config["host"]), int(config.get("port") or 5432))]
+
+    @classmethod
     def run_action(
         cls,
         config: dict[str, Any],
@@ -561,6 +565,7 @@ class PostgresPlugin(Plugin):
         """`sql`: one statement (`statement`, positional `params`) in a transaction."""
         if action != "sql":
             return super().run_action(config, action, params, context)
+        cls.check_data_hosts(config, context)
         return SqlAction(config).run(params)
 
 

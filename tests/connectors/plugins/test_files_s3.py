@@ -278,3 +278,75 @@ def test_an_unreachable_endpoint_is_transient() -> None:
     assert source.check().ok is False
     with pytest.raises(TransientError, match="Could not connect"):
         list(source.plan({"path": "t.csv"}, chunk_rows=1))
+
+
+@pytest.fixture
+def rebinding_dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Made-up names answering from a queue (the last answer repeats), like a
+    DNS-rebinding attacker's server; `answers["<name>#lookups"]` counts lookups."""
+    answers: dict[str, list[str]] = {}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host in answers:
+            queue = answers[host]
+            address = queue.pop(0) if len(queue) > 1 else queue[0]
+            answers.setdefault(f"{host}#lookups", []).append(address)
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            return [(family, socket.SOCK_STREAM, 6, "", (address, port or 0))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return answers
+
+
+def _canary_storage(port: int, allowed: tuple[str, ...]) -> Any:
+    from connectors.plugins.files.storage import S3Storage
+
+    config = s3_config(f"http://s3.rebind.example:{port}", "bucket-x")
+    return S3Storage(
+        config, ConnectorContext(name="s3-rebind", allowed_networks=allowed)
+    )
+
+
+def test_an_endpoint_rebound_to_loopback_after_the_check_is_refused(
+    rebinding_dns: dict[str, list[str]],
+) -> None:
+    from tests.connectors.plugins.rest.server import ApiServer
+
+    canary = ApiServer().start()
+    port = int(canary.url.rsplit(":", 1)[1])
+    # The check sees a public address; the connection-time lookup gets loopback.
+    rebinding_dns["s3.rebind.example"] = ["93.184.216.34", "127.0.0.1"]
+    storage = _canary_storage(port, ())
+    try:
+        result = storage.check()
+    finally:
+        canary.stop()
+
+    assert result.ok is False
+    assert "Could not connect to the endpoint URL" in result.message
+    # Looked up by the check (public) and again when connecting (loopback).
+    assert rebinding_dns["s3.rebind.example#lookups"][:2] == [
+        "93.184.216.34",
+        "127.0.0.1",
+    ]
+    assert canary.requests == []
+
+
+def test_the_connection_goes_to_the_checked_address_with_the_endpoint_name(
+    rebinding_dns: dict[str, list[str]],
+) -> None:
+    from tests.connectors.plugins.rest.server import ApiServer
+
+    canary = ApiServer().start()
+    port = int(canary.url.rsplit(":", 1)[1])
+    rebinding_dns["s3.rebind.example"] = ["127.0.0.1", "127.0.0.1"]
+    storage = _canary_storage(port, ("127.0.0.1/32",))
+    try:
+        storage.check()  # the canary is no S3 server: the answer does not matter
+    finally:
+        canary.stop()
+
+    assert canary.requests
+    assert canary.requests[0].headers["host"] == f"s3.rebind.example:{port}"
