@@ -14,7 +14,14 @@ from connectors.models import Connector
 from connectors.ssrf import check_url
 from integration import services
 from integration.choices import WriteMode
-from integration.models import DeadLetter, Pipeline, PipelineVersion, Run
+from integration.models import (
+    DeadLetter,
+    Pipeline,
+    PipelineVersion,
+    Run,
+    SchemaChange,
+    SchemaChangeProposal,
+)
 
 
 class PipelineVersionSerializer(serializers.ModelSerializer):
@@ -24,8 +31,26 @@ class PipelineVersionSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class SourceColumnSerializer(serializers.Serializer):
+    """One column of a pipeline's source schema."""
+
+    name = serializers.CharField(max_length=200)
+    type = serializers.CharField(
+        max_length=100,
+        help_text="string, integer, float, decimal(p,s), boolean, date, timestamp, "
+        "timestamptz, json, or DuckDB's name of a nested type.",
+    )
+
+
 class PipelineSerializer(serializers.ModelSerializer):
     """A pipeline; a change to its behaviour freezes a new version."""
+
+    source_schema = serializers.ListField(
+        child=SourceColumnSerializer(),
+        required=False,
+        help_text="The expected source columns (empty: recorded from the first "
+        "chunk a run extracts, when drift_policy is not ignore).",
+    )
 
     source = serializers.SlugRelatedField(
         slug_field="name", queryset=Connector.objects.all()
@@ -58,6 +83,8 @@ class PipelineSerializer(serializers.ModelSerializer):
             "schedule_timezone",
             "schedule_interval_seconds",
             "notify_url",
+            "drift_policy",
+            "source_schema",
             "cursor_state",
             "current_version",
             "created_at",
@@ -104,6 +131,7 @@ class PipelineSerializer(serializers.ModelSerializer):
             "sink",
             "steps",
             "references",
+            "source_schema",
             "schedule_cron",
             "schedule_timezone",
             "schedule_interval_seconds",
@@ -342,3 +370,83 @@ class DiscardOneSerializer(serializers.Serializer):
 
 class CountSerializer(serializers.Serializer):
     count = serializers.IntegerField()
+
+
+class SchemaChangeSerializer(serializers.ModelSerializer):
+    """A schema drift a run found, and what its pipeline's policy did."""
+
+    pipeline = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    version = serializers.IntegerField(source="version.number", read_only=True)
+    applied_version = serializers.IntegerField(
+        source="applied_version.number", read_only=True, allow_null=True
+    )
+
+    class Meta:
+        model = SchemaChange
+        fields = [
+            "id",
+            "pipeline",
+            "run",
+            "version",
+            "kind",
+            "column",
+            "old_type",
+            "new_type",
+            "policy",
+            "action",
+            "applied_version",
+            "proposal",
+            "chunk_seq",
+            "detected_at",
+        ]
+        read_only_fields = fields
+
+
+class ProposalResultSerializer(serializers.Serializer):
+    """What deciding a proposal did."""
+
+    version = serializers.IntegerField(
+        required=False, help_text="The pipeline version approval created."
+    )
+    held_rows = serializers.IntegerField(required=False)
+    backfilled_rows = serializers.IntegerField(
+        required=False, help_text="Loaded rows that received the held values."
+    )
+    held_rows_rejected = serializers.IntegerField(required=False)
+    note = serializers.CharField(required=False)
+
+
+class SchemaChangeProposalSerializer(serializers.ModelSerializer):
+    """New source columns held by quarantine runs, waiting for a decision."""
+
+    pipeline = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    columns = serializers.ListField(child=SourceColumnSerializer(), read_only=True)
+    applied_version = serializers.IntegerField(
+        source="applied_version.number", read_only=True, allow_null=True
+    )
+    decided_by = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, allow_null=True
+    )
+    held_rows = serializers.SerializerMethodField()
+    result = ProposalResultSerializer(read_only=True)
+
+    class Meta:
+        model = SchemaChangeProposal
+        fields = [
+            "id",
+            "pipeline",
+            "columns",
+            "state",
+            "first_run",
+            "held_rows",
+            "applied_version",
+            "decided_by",
+            "decided_at",
+            "result",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_held_rows(self, proposal: SchemaChangeProposal) -> int:
+        """Rows whose values are held (not yet loaded or rejected)."""
+        return sum(proposal.held.filter(state="held").values_list("rows", flat=True))
