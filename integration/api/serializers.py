@@ -425,7 +425,10 @@ class SchemaChangeProposalSerializer(serializers.ModelSerializer):
         source="applied_version.number", read_only=True, allow_null=True
     )
     decided_by = serializers.SlugRelatedField(
-        slug_field="username", read_only=True, allow_null=True
+        slug_field="username",
+        read_only=True,
+        allow_null=True,
+        help_text="The user who approved or rejected it.",
     )
     held_rows = serializers.SerializerMethodField()
     result = ProposalResultSerializer(read_only=True)

@@ -6,7 +6,8 @@ import hashlib
 
 import orjson
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet, Sum
+from django.db.models.functions import Coalesce
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -37,7 +38,7 @@ from integration.api.serializers import (
     SchemaChangeSerializer,
     StartRunSerializer,
 )
-from integration.choices import RunTrigger
+from integration.choices import HeldState, RunTrigger
 from integration.exceptions import (
     IdempotencyConflictError,
     PipelinePausedError,
@@ -288,6 +289,10 @@ class SchemaChangeProposalViewSet(viewsets.ReadOnlyModelViewSet):
 
     queryset = SchemaChangeProposal.objects.select_related(
         "pipeline", "applied_version", "decided_by"
+    ).annotate(
+        held_rows_now=Coalesce(
+            Sum("held__rows", filter=Q(held__state=HeldState.HELD)), 0
+        )
     )
     serializer_class = SchemaChangeProposalSerializer
     filterset_class = SchemaChangeProposalFilter
@@ -295,7 +300,13 @@ class SchemaChangeProposalViewSet(viewsets.ReadOnlyModelViewSet):
 
     @extend_schema(
         request=None,
-        responses={200: SchemaChangeProposalSerializer, 409: CONFLICT},
+        responses={
+            200: SchemaChangeProposalSerializer,
+            400: OpenApiResponse(
+                description="The sink cannot take the change (`sink` says why)."
+            ),
+            409: CONFLICT,
+        },
     )
     @action(detail=True, methods=["post"])
     def approve(self, request: Request, pk: str | None = None) -> Response:
