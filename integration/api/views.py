@@ -287,12 +287,16 @@ class SchemaChangeProposalViewSet(viewsets.ReadOnlyModelViewSet):
     """Schema change proposals of quarantine pipelines: approve applies the change
     and back-fills the held values; reject drops them. Both are idempotent."""
 
-    queryset = SchemaChangeProposal.objects.select_related(
-        "pipeline", "applied_version", "decided_by"
-    ).annotate(
-        held_rows_now=Coalesce(
-            Sum("held__rows", filter=Q(held__state=HeldState.HELD)), 0
+    queryset = (
+        SchemaChangeProposal.objects.select_related(
+            "pipeline", "applied_version", "decided_by"
         )
+        .annotate(
+            held_rows_now=Coalesce(
+                Sum("held__rows", filter=Q(held__state=HeldState.HELD)), 0
+            )
+        )
+        .order_by("-id")
     )
     serializer_class = SchemaChangeProposalSerializer
     filterset_class = SchemaChangeProposalFilter
