@@ -334,6 +334,8 @@ def split_rejected(table: pa.Table) -> tuple[pa.Table, pa.Table | None]:
         the rejected rows as received plus `_error` and `_step` (`drift`), or None.
     """
     metadata = dict(table.schema.metadata or {})
+    if DROP_KEY not in metadata and DRIFT_ERROR not in table.column_names:
+        return table, None
     drop = orjson.loads(metadata.pop(DROP_KEY, b"[]"))
     rejected = None
     if DRIFT_ERROR in table.column_names:

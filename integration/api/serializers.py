@@ -112,6 +112,14 @@ class PipelineSerializer(serializers.ModelSerializer):
             )
         return value
 
+    def validate_source_schema(self, value: list[Any]) -> list[dict[str, str]]:
+        from transforms.engine.drift import SchemaDefinitionError, check_schema
+
+        try:
+            return check_schema([dict(column) for column in value])
+        except SchemaDefinitionError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
     def validate_notify_url(self, value: str) -> str:
         if value:
             try:

@@ -179,10 +179,15 @@ def test_freeze_marks_rows_and_keeps_the_others(make):
 @pytest.mark.parametrize(
     ("schema", "message"),
     [
-        ({"id": "integer"}, "must be a list"),
-        ([{"name": "id"}], "needs exactly name and type"),
+        ({"id": "integer"}, "Expected a list of items"),
+        ([{"name": "id"}], "This field is required"),
+        (
+            [{"name": "a", "type": "string"}, {"name": "a", "type": "integer"}],
+            "entry 1: column 'a' named twice",
+        ),
+        ([{"name": "_source_ref", "type": "string"}], "bad column name"),
     ],
-    ids=["object", "no-type"],
+    ids=["object", "no-type", "twice", "system-column"],
 )
 def test_api_refuses_a_bad_source_schema_with_400(
     api, generator_connector, sqlite_sink, schema, message
@@ -198,7 +203,8 @@ def test_api_refuses_a_bad_source_schema_with_400(
     }
     response = api.post("/api/v1/pipelines/", body, format="json")
     assert response.status_code == 400
-    assert "source_schema" in response.json()
+    assert message in str(response.json()["source_schema"])
+    assert not Pipeline.objects.filter(name=body["name"]).exists()
 
 
 def test_drift_policy_and_schema_are_part_of_the_version_only_when_checked(make, api):
@@ -214,3 +220,23 @@ def test_drift_policy_and_schema_are_part_of_the_version_only_when_checked(make,
         "policy": "evolve",
         "source_schema": KNOWN,
     }
+
+
+def test_purge_deletes_decided_held_values_past_retention_only(make, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from integration import housekeeping
+
+    pipeline = make()
+    run = new_run(pipeline)
+    drift.check_chunk(run.pk, 0, run.version.spec, chunk(["1"], ["a@x"]))
+    drift.check_chunk(run.pk, 1, run.version.spec, chunk(["2"], ["b@x"]))
+    first, second = HeldValues.objects.order_by("chunk_seq")
+    old = timezone.now() - timedelta(days=settings.DIS_RETENTION_DEAD_LETTERS_DAYS + 1)
+    HeldValues.objects.filter(pk=first.pk).update(state="rejected", updated_at=old)
+    HeldValues.objects.filter(pk=second.pk).update(updated_at=old)  # still held
+    report = housekeeping.purge()
+    assert report.held_values == 1
+    assert list(HeldValues.objects.values_list("pk", flat=True)) == [second.pk]
