@@ -142,9 +142,9 @@ def check_chunk(
     if policy == DriftPolicy.QUARANTINE and found.new_columns:
         held, proposal = _hold(run, seq, table, found)
     _record(run, seq, found, policy=policy, proposal=proposal)
-    rejected = sum(1 for m in marks if m is not None)
+    rejected = len(marks) - marks.null_count
     if rejected:
-        table = table.append_column(DRIFT_ERROR, pa.array(marks, pa.string()))
+        table = table.append_column(DRIFT_ERROR, marks)
     metadata = dict(table.schema.metadata or {})
     metadata[DROP_KEY] = orjson.dumps(found.new_names)
     done = ChunkDrift(
@@ -208,32 +208,43 @@ def _evolve(run: Run, seq: int, found: engine_drift.Drift) -> ChunkDrift:
 
 def _reject_marks(
     table: pa.Table, found: engine_drift.Drift, *, new_columns: bool
-) -> list[str | None]:
-    """Per row, why drift rejects it (None: kept)."""
-    reasons: list[list[str]] = [[] for _ in range(table.num_rows)]
+) -> pa.Array:
+    """Per row, why drift rejects it (NULL: kept), built with Arrow kernels."""
+    n = table.num_rows
+    parts: list[pa.Array] = []
     if new_columns:
         for name in found.new_names:
-            carried = engine_drift.carries_values(table, [name]).to_pylist()
-            for i, flag in enumerate(carried):
-                if flag:
-                    reasons[i].append(
-                        f"column {name!r} is not in the pipeline's source schema "
-                        "(drift policy freeze)"
-                    )
+            carried = engine_drift.carries_values(table, [name])
+            message = (
+                f"column {name!r} is not in the pipeline's source schema "
+                "(drift policy freeze)"
+            )
+            parts.append(pc.if_else(carried, message, pa.scalar(None, pa.string())))
     for change in found.type_changes:
-        values = table.column(change.name).to_pylist()
-        for i, flag in enumerate(change.misfits.to_pylist()):
-            if flag:
-                reasons[i].append(
-                    f"column {change.name!r}: value {values[i]!r} does not fit its "
-                    f"type {change.old_type} (drift: the source now gives "
-                    f"{change.new_type})"
-                )
+        values = pc.cast(table.column(change.name).combine_chunks(), pa.string())
+        message = pc.binary_join_element_wise(
+            f"column {change.name!r}: value '",
+            values,
+            f"' does not fit its type {change.old_type} (drift: the source now "
+            f"gives {change.new_type})",
+            "",
+        )
+        parts.append(pc.if_else(change.misfits, message, pa.scalar(None, pa.string())))
+    if not parts:
+        return pa.nulls(n, pa.string())
+    # null_handling="skip" drops all-null rows (pyarrow 26): join with "" for
+    # NULL and trim the separators an absent reason leaves.
+    joined = pc.binary_join_element_wise(
+        *parts, "; ", null_handling="replace", null_replacement=""
+    )
+    joined = pc.replace_substring_regex(joined, "(; )+", "; ")
+    joined = pc.replace_substring_regex(joined, "^; |; $", "")
+    marks = pc.if_else(pc.equal(joined, ""), pa.scalar(None, pa.string()), joined)
     if "_read_error" in table.column_names:
         # An unreadable row is rejected by the reader already.
-        unreadable = pc.is_valid(table.column("_read_error")).to_pylist()
-        reasons = [[] if bad else r for r, bad in zip(reasons, unreadable, strict=True)]
-    return ["; ".join(r) if r else None for r in reasons]
+        unreadable = pc.is_valid(table.column("_read_error").combine_chunks())
+        marks = pc.if_else(unreadable, pa.scalar(None, pa.string()), marks)
+    return marks
 
 
 def _hold(

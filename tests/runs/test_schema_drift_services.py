@@ -164,15 +164,31 @@ def test_freeze_marks_rows_and_keeps_the_others(make):
     pipeline = make(policy="freeze")
     run = new_run(pipeline)
     staged, done = drift.check_chunk(
-        run.pk, 0, run.version.spec, chunk(["1", "2", "x"], [None, "b@x", None])
+        run.pk,
+        0,
+        run.version.spec,
+        chunk(["1", "2", "x", "y", " 5 "], [None, "b@x", None, "d@x", " "]),
     )
-    assert (done.rejected, done.held, done.proposal) == (2, 0, None)
+    assert (done.rejected, done.held, done.proposal) == (3, 0, None)
     kept, rejected = drift.split_rejected(staged)
-    assert kept.to_pylist() == [{"id": "1", "_source_ref": "src#1"}]
-    assert rejected.column("_source_ref").to_pylist() == ["src#2", "src#3"]
-    assert rejected.column("_step").to_pylist() == ["drift", "drift"]
-    assert "'email'" in rejected.column("_error")[0].as_py()
-    assert "'id': value 'x'" in rejected.column("_error")[1].as_py()
+    assert kept.to_pylist() == [
+        {"id": "1", "_source_ref": "src#1"},
+        {"id": " 5 ", "_source_ref": "src#5"},
+    ]
+    assert rejected.column("_source_ref").to_pylist() == ["src#2", "src#3", "src#4"]
+    assert rejected.column("_step").to_pylist() == ["drift"] * 3
+    new_column = (
+        "column 'email' is not in the pipeline's source schema (drift policy freeze)"
+    )
+    misfit = (
+        "column 'id': value '{}' does not fit its type integer "
+        "(drift: the source now gives string)"
+    )
+    assert rejected.column("_error").to_pylist() == [
+        new_column,
+        misfit.format("x"),
+        f"{new_column}; {misfit.format('y')}",
+    ]
     assert not SchemaChangeProposal.objects.exists()
 
 
