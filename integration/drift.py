@@ -96,18 +96,6 @@ def passes_through(steps: list[dict[str, Any]]) -> bool:
     )
 
 
-def validate_source_schema(value: Any) -> list[dict[str, str]]:
-    """Check a pipeline's `source_schema`.
-
-    Raises:
-        ValidationError: naming `source_schema`, with the entry that is wrong.
-    """
-    try:
-        return engine_drift.check_schema(value or [])
-    except engine_drift.SchemaDefinitionError as exc:
-        raise ValidationError({"source_schema": str(exc)}) from None
-
-
 # --- At extract ---------------------------------------------------------------
 
 

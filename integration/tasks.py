@@ -20,7 +20,7 @@ from connectors.exceptions import (
     TransientError,
 )
 from integration import drift, runtime, services, staging
-from transforms.engine import EngineResult
+from transforms.engine import EngineError, EngineResult
 
 logger = structlog.get_logger(__name__)
 
@@ -176,7 +176,11 @@ def transform_table(
         )
     if table.num_rows == 0 and unreadable is not None:
         # Nothing readable: the engine has no columns to bind its steps to.
-        output = compiled.output_schema.empty_table().append_column(
+        try:
+            schema = compiled.output_schema
+        except EngineError:  # pass-through: the output's columns are the input's
+            schema = table.drop_columns(["_source_ref"]).schema
+        output = schema.empty_table().append_column(
             "_source_ref", pa.array([], pa.string())
         )
         result = EngineResult(output, pa.table({}), 0, 0)

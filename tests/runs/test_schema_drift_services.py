@@ -256,3 +256,25 @@ def test_purge_deletes_decided_held_values_past_retention_only(make, settings):
     report = housekeeping.purge()
     assert report.held_values == 1
     assert list(HeldValues.objects.values_list("pk", flat=True)) == [second.pk]
+
+
+def test_a_pass_through_chunk_with_only_unreadable_rows_rejects_them(make):
+    from integration import runtime, tasks
+
+    pipeline = make(steps=[])
+    runtime.reset()
+    table = pa.table(
+        {
+            "id": pa.array([None], pa.string()),
+            "_source_ref": ["src#1"],
+            "_read_error": ["expected 2 fields, got 1"],
+            "_raw": ["1"],
+        }
+    )
+    output, rejected, filtered = tasks.transform_table(
+        pipeline.current_version_id, table
+    )
+    assert output.schema.names == ["id", "_source_ref"]
+    assert output.num_rows == 0
+    assert rejected.column("_step").to_pylist() == ["read"]
+    assert filtered == 0
