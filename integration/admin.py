@@ -69,6 +69,7 @@ class PipelineAdmin(admin.ModelAdmin):
         "source",
         "sink",
         "mode",
+        "drift_policy",
         "version_number",
         "is_paused",
         "updated_at",
