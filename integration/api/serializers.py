@@ -203,7 +203,8 @@ class RunSerializer(serializers.ModelSerializer):
     duration_seconds = serializers.FloatField(read_only=True, allow_null=True)
     chunks = serializers.SerializerMethodField()
     stats = serializers.SerializerMethodField(
-        help_text="Engine statistics: reference cache hits, misses and oldest age."
+        help_text="Engine statistics: reference cache hits, misses and oldest age; "
+        "`drift`: the schema drift the run found and what its policy did."
     )
 
     class Meta:
