@@ -559,11 +559,15 @@ def record_chunk_stats(
 
 
 def prepare_options(attempt: Attempt) -> dict[str, Any]:
-    """The sink options a pass-through chunk prepares the target with: under the
-    `evolve` drift policy, a SQL sink adds the new columns (`evolve: add_columns`)."""
+    """The sink options a pass-through chunk prepares the target with.
+
+    With a drift policy other than `ignore`, a SQL sink adds the columns it lacks
+    (`evolve: add_columns`): only columns of the source schema reach it (`freeze`
+    and `quarantine` leave new ones out; `evolve` takes them into the schema).
+    """
     options = dict(attempt.sink_options)
     drift = attempt.version_spec.get("drift") or {}
-    if drift.get("policy") == "evolve":
+    if drift.get("policy", "ignore") != "ignore":
         from connectors.models import Connector
 
         connector = Connector.objects.get(pk=attempt.version_spec["sink"]["connector"])

@@ -237,7 +237,7 @@ def test_rejecting_a_proposal_drops_the_held_values(
 
 
 def test_freeze_rejects_rows_with_new_values_or_misfit_types(
-    worker_factory, tmp_path, pg_sink
+    worker_factory, tmp_path, pg_sink, api
 ):
     write(
         tmp_path,
@@ -291,6 +291,34 @@ def test_freeze_rejects_rows_with_new_values_or_misfit_types(
     pipeline.refresh_from_db()
     assert pipeline.versions.count() == 1
     assert not SchemaChangeProposal.objects.filter(pipeline=pipeline).exists()
+
+    # The operator declares the column and replays the dead letters: bob loads with
+    # his email (the table gains the column); 'x3' still does not fit.
+    patched = api.patch(
+        f"/api/v1/pipelines/{pipeline.pk}/",
+        {
+            "source_schema": [
+                {"name": "id", "type": "integer"},
+                {"name": "name", "type": "string"},
+                {"name": "email", "type": "string"},
+            ]
+        },
+        format="json",
+    )
+    assert patched.status_code == 200, patched.content
+    replay = api.post(
+        "/api/v1/dead-letters/replay/", {"filter": {"run": done.pk}}, format="json"
+    )
+    assert replay.status_code == 202, replay.content
+    replayed = wait_for_run(replay.json()["id"], timeout=120)
+    assert replayed.state == "succeeded_with_errors", replayed.error
+    assert sink_query(
+        pg_sink, f'SELECT id, email FROM "{table}" WHERE _run_id = %s', (replayed.pk,)
+    ) == [("2", "bob@x.org")]
+    assert DeadLetter.objects.get(source_ref="third.csv#2", run=done).state == (
+        "replayed"
+    )
+    assert DeadLetter.objects.get(source_ref="third.csv#3", run=done).state == "open"
 
 
 def test_evolve_adds_the_column_in_the_same_run_and_versions_it(
