@@ -34,6 +34,8 @@ class Capabilities:
     discover: bool = False
     chunkable: bool = False
     exactly_once: bool = False
+    #: `Sink.backfill`: add columns and set their values on rows already written.
+    backfill: bool = False
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,18 @@ class Sink:
 
     def finalize(self, options: dict[str, Any], *, run_id: int) -> None:
         """Called once when the run finished successfully."""
+
+    def backfill(self, options: dict[str, Any], values: pa.Table) -> WriteResult:
+        """Add `values`' data columns to the target and set them on written rows.
+
+        `values` has `_run_id`, `_source_ref` and the data columns; a target row
+        matching both gets the values (schema drift: held values of an approved
+        proposal). Rows that match nothing are left out; idempotent.
+
+        Raises:
+            ConfigError: the sink cannot (capability `backfill` is False).
+        """
+        raise ConfigError(f"a {type(self).__name__} cannot back-fill columns")
 
     def dataset_name(self, options: dict[str, Any]) -> str:
         """The lineage dataset name of the target, e.g. `postgres://host/db.s.t`."""

@@ -11,17 +11,20 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from config import correlation
-from integration import services, workflows
+from integration import drift, services, workflows
 from integration.choices import RunTrigger
 from integration.exceptions import PipelinePausedError, ResumeRefusedError
 from integration.models import (
     ChunkRun,
     DeadLetter,
     FileTrigger,
+    HeldValues,
     NodeRun,
     Pipeline,
     PipelineVersion,
     Run,
+    SchemaChange,
+    SchemaChangeProposal,
     Workflow,
     WorkflowNode,
     WorkflowRun,
@@ -67,11 +70,12 @@ class PipelineAdmin(admin.ModelAdmin):
         "source",
         "sink",
         "mode",
+        "drift_policy",
         "version_number",
         "is_paused",
         "updated_at",
     ]
-    list_filter = ["mode", "is_paused", "source__kind", "sink__kind"]
+    list_filter = ["mode", "is_paused", "drift_policy", "source__kind", "sink__kind"]
     search_fields = ["name", "description", "source__name", "sink__name"]
     readonly_fields = ["current_version", "created_at", "updated_at"]
     actions = ["run_now", "pause", "unpause"]
@@ -257,6 +261,88 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     @admin.display(description="error")
     def error_short(self, obj: DeadLetter) -> str:
         return obj.error[:80]
+
+
+@admin.register(SchemaChange)
+class SchemaChangeAdmin(ReadOnlyAdmin):
+    list_display = [
+        "id",
+        "pipeline",
+        "run",
+        "kind",
+        "column",
+        "old_type",
+        "new_type",
+        "policy",
+        "action",
+        "detected_at",
+    ]
+    list_filter = ["kind", "policy", "pipeline"]
+    search_fields = ["column", "pipeline__name", "=run__id"]
+    date_hierarchy = "detected_at"
+
+
+class HeldValuesInline(admin.TabularInline):
+    model = HeldValues
+    extra = 0
+    can_delete = False
+    fields = ["run", "chunk_seq", "rows", "state", "created_at"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(SchemaChangeProposal)
+class SchemaChangeProposalAdmin(ReadOnlyAdmin):
+    list_display = [
+        "id",
+        "pipeline",
+        "column_key",
+        "state",
+        "first_run",
+        "applied_version",
+        "decided_by",
+        "created_at",
+    ]
+    list_filter = ["state", "pipeline"]
+    search_fields = ["column_key", "pipeline__name"]
+    date_hierarchy = "created_at"
+    inlines = [HeldValuesInline]
+    actions = ["approve", "reject"]
+
+    @admin.action(description="Approve: add the columns and back-fill held values")
+    def approve(
+        self, request: HttpRequest, queryset: QuerySet[SchemaChangeProposal]
+    ) -> None:
+        for proposal in queryset:
+            try:
+                done = drift.approve(proposal.pk, user_id=request.user.pk)
+            except (drift.ProposalDecidedError, ValidationError) as exc:
+                text = (
+                    "; ".join(exc.messages) if isinstance(exc, ValidationError) else exc
+                )
+                self.message_user(
+                    request, f"proposal {proposal.pk}: {text}", messages.ERROR
+                )
+            else:
+                self.message_user(
+                    request, f"proposal {proposal.pk} approved: {done.result}"
+                )
+
+    @admin.action(description="Reject: drop the held values")
+    def reject(
+        self, request: HttpRequest, queryset: QuerySet[SchemaChangeProposal]
+    ) -> None:
+        for proposal in queryset:
+            try:
+                drift.reject(proposal.pk, user_id=request.user.pk)
+            except drift.ProposalDecidedError as exc:
+                self.message_user(
+                    request, f"proposal {proposal.pk}: {exc}", messages.ERROR
+                )
+            else:
+                self.message_user(request, f"proposal {proposal.pk} rejected")
 
 
 class WorkflowNodeFormSet(forms.BaseInlineFormSet):

@@ -108,3 +108,30 @@ class WorkflowRunState(models.TextChoices):
     SUCCEEDED = "succeeded", "Succeeded"
     FAILED = "failed", "Failed"
     CANCELLED = "cancelled", "Cancelled"
+
+
+class DriftPolicy(models.TextChoices):
+    """What a run does when source rows no longer fit the pipeline's source schema."""
+
+    IGNORE = "ignore", "Ignore (no schema checks)"
+    EVOLVE = "evolve", "Evolve (apply and record the change)"
+    FREEZE = "freeze", "Freeze (reject drifting rows to dead letters)"
+    QUARANTINE = "quarantine", "Quarantine (hold new values, propose the change)"
+
+
+class SchemaChangeKind(models.TextChoices):
+    ADDED = "added", "Column added"
+    TYPE_CHANGED = "type_changed", "Type changed"
+
+
+class ProposalState(models.TextChoices):
+    PENDING = "pending", "Pending"
+    APPROVED = "approved", "Approved"
+    REJECTED = "rejected", "Rejected"
+
+
+class HeldState(models.TextChoices):
+    HELD = "held", "Held"
+    LOADED = "loaded", "Loaded (back-filled)"
+    DROPPED = "dropped", "Dropped (approved, but the steps do not carry the column)"
+    REJECTED = "rejected", "Rejected"

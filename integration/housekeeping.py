@@ -20,10 +20,11 @@ from integration import orchestration, services, staging
 from integration.choices import (
     CHUNK_IN_FLIGHT,
     TERMINAL_STATES,
+    HeldState,
     RunState,
     WorkflowRunState,
 )
-from integration.models import ChunkRun, DeadLetter, Run, WorkflowRun
+from integration.models import ChunkRun, DeadLetter, HeldValues, Run, WorkflowRun
 
 logger = structlog.get_logger(__name__)
 
@@ -117,15 +118,26 @@ class PurgeReport:
     chunk_runs: int = 0
     dead_letters: int = 0
     staged_files: int = 0
+    held_values: int = 0
 
 
 def purge(now=None) -> PurgeReport:
-    """Delete what outlived its retention setting (runs, chunk runs, dead letters)."""
+    """Delete what outlived its retention setting (runs, chunk runs, dead letters,
+    decided held drift values)."""
     now = now or timezone.now()
     report = PurgeReport()
     report.dead_letters, _ = DeadLetter.objects.filter(
         created_at__lt=now - timedelta(days=settings.DIS_RETENTION_DEAD_LETTERS_DAYS)
     ).delete()
+    # Held drift values an operator decided on (rejected, loaded or dropped).
+    report.held_values, _ = (
+        HeldValues.objects.exclude(state=HeldState.HELD)
+        .filter(
+            updated_at__lt=now
+            - timedelta(days=settings.DIS_RETENTION_DEAD_LETTERS_DAYS)
+        )
+        .delete()
+    )
     report.chunk_runs, _ = ChunkRun.objects.filter(
         run__state__in=TERMINAL_STATES,
         run__finished_at__lt=now

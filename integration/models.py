@@ -18,14 +18,18 @@ from integration.choices import (
     TERMINAL_STATES,
     ChunkState,
     DeadLetterState,
+    DriftPolicy,
     FailurePolicy,
+    HeldState,
     NodeKind,
     NodeState,
     OverlapPolicy,
     PipelineMode,
+    ProposalState,
     RunKind,
     RunState,
     RunTrigger,
+    SchemaChangeKind,
     WorkflowRunState,
     WriteMode,
 )
@@ -121,6 +125,20 @@ class Pipeline(models.Model):
         blank=True,
         help_text="Webhook called on failed and succeeded_with_errors runs.",
     )
+    drift_policy = models.CharField(
+        max_length=12,
+        choices=DriftPolicy.choices,
+        default=DriftPolicy.IGNORE,
+        help_text="What a run does with source columns the source schema lacks, or "
+        "values that no longer fit a column's type.",
+    )
+    source_schema = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='The expected source columns: [{"name": "id", "type": "integer"}, '
+        "...]. Empty: recorded from the first chunk a run extracts (with a drift "
+        "policy other than ignore).",
+    )
     current_version = models.ForeignKey(
         "PipelineVersion",
         on_delete=models.PROTECT,
@@ -148,8 +166,12 @@ class Pipeline(models.Model):
             raise ValidationError({"steps": "must be a list of steps"})
 
     def behaviour_spec(self) -> dict[str, Any]:
-        """Everything that changes what a run does (what a version freezes)."""
-        return {
+        """Everything that changes what a run does (what a version freezes).
+
+        The drift policy and source schema are part of it only when the policy is
+        not `ignore`, so pipelines that never checked drift keep their versions.
+        """
+        spec: dict[str, Any] = {
             "source": {"connector": self.source_id, "options": self.source_options},
             "steps": self.steps,
             "references": self.references,
@@ -158,6 +180,12 @@ class Pipeline(models.Model):
             "chunk_rows": self.chunk_rows,
             "max_rejected_ratio": self.max_rejected_ratio,
         }
+        if self.drift_policy != DriftPolicy.IGNORE:
+            spec["drift"] = {
+                "policy": self.drift_policy,
+                "source_schema": self.source_schema or [],
+            }
+        return spec
 
 
 class PipelineVersion(models.Model):
@@ -620,3 +648,150 @@ class FileTrigger(models.Model):
             )
         if errors:
             raise ValidationError(errors)
+
+
+class SchemaChange(models.Model):
+    """A drift a run found in its source: a new column or a changed type.
+
+    Recorded against the run's pipeline version whatever the policy; `action` says
+    what the policy did (applied in a new version, rows rejected, values held).
+    """
+
+    pipeline = models.ForeignKey(
+        Pipeline, on_delete=models.CASCADE, related_name="schema_changes"
+    )
+    run = models.ForeignKey(
+        Run, on_delete=models.CASCADE, related_name="schema_changes"
+    )
+    version = models.ForeignKey(
+        PipelineVersion,
+        on_delete=models.CASCADE,
+        related_name="schema_changes",
+        help_text="The version the run ran (the one that lacked the change).",
+    )
+    kind = models.CharField(max_length=12, choices=SchemaChangeKind.choices)
+    column = models.CharField(max_length=200)
+    old_type = models.CharField(max_length=100, blank=True)
+    new_type = models.CharField(max_length=100)
+    policy = models.CharField(max_length=12, choices=DriftPolicy.choices)
+    action = models.CharField(max_length=200, help_text="What the policy did with it.")
+    applied_version = models.ForeignKey(
+        PipelineVersion,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="The version that includes the change (evolve).",
+    )
+    proposal = models.ForeignKey(
+        "SchemaChangeProposal",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="changes",
+    )
+    chunk_seq = models.PositiveIntegerField(help_text="The first chunk that saw it.")
+    detected_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["run", "column", "kind"], name="schemachange_unique_per_run"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.column} in run {self.run_id}"
+
+
+class SchemaChangeProposal(models.Model):
+    """New source columns a quarantine run held back, for an operator to decide.
+
+    One pending proposal per pipeline and column set, whatever the number of
+    chunks and runs that saw it. Approval applies the change (a new pipeline
+    version, the sink column) and back-fills the held values; rejection drops them.
+    """
+
+    pipeline = models.ForeignKey(
+        Pipeline, on_delete=models.CASCADE, related_name="schema_proposals"
+    )
+    columns = models.JSONField(help_text='The new columns: [{"name", "type"}, ...].')
+    column_key = models.CharField(
+        max_length=500, help_text="The sorted column names (the dedupe key)."
+    )
+    state = models.CharField(
+        max_length=10,
+        choices=ProposalState.choices,
+        default=ProposalState.PENDING,
+        db_index=True,
+    )
+    first_run = models.ForeignKey(
+        Run, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    applied_version = models.ForeignKey(
+        PipelineVersion,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="The version approval created.",
+    )
+    decided_by = models.ForeignKey(
+        "auth.User", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    result = models.JSONField(
+        default=dict, blank=True, help_text="What approval did (rows back-filled...)."
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["pipeline", "column_key"],
+                condition=Q(state="pending"),
+                name="schemaproposal_one_pending_per_columns",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"proposal {self.pk}: {self.column_key} ({self.state})"
+
+
+class HeldValues(models.Model):
+    """The values of a chunk's new columns, held while their proposal is pending.
+
+    `payload` is Arrow IPC: `_source_ref` plus the new columns, one row per source
+    row that carried a value. Keyed by (proposal, run, chunk), so a retried chunk
+    replaces its earlier attempt's values.
+    """
+
+    proposal = models.ForeignKey(
+        SchemaChangeProposal, on_delete=models.CASCADE, related_name="held"
+    )
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="held_values")
+    chunk_seq = models.PositiveIntegerField()
+    rows = models.PositiveIntegerField()
+    payload = models.BinaryField(editable=False)
+    state = models.CharField(
+        max_length=10,
+        choices=HeldState.choices,
+        default=HeldState.HELD,
+        db_index=True,
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["proposal", "run", "chunk_seq"]
+        verbose_name_plural = "held values"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["proposal", "run", "chunk_seq"], name="heldvalues_unique_chunk"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.rows} held row(s) of run {self.run_id} chunk {self.chunk_seq}"

@@ -69,7 +69,12 @@ def validate_definition(pipeline: Pipeline) -> None:
     except RegistryError as exc:
         errors["sink"] = str(exc)
     from transforms.engine import StepConfigError, compile_steps
+    from transforms.engine.drift import SchemaDefinitionError, check_schema
 
+    try:
+        check_schema(pipeline.source_schema or [])
+    except SchemaDefinitionError as exc:
+        errors["source_schema"] = str(exc)
     try:
         compiled = compile_steps(pipeline.steps)
     except StepConfigError as exc:
@@ -249,11 +254,16 @@ def plan_run(run_id: int) -> None:
     if run.planned_at is None:
         _plan_chunks(run)
     compiled = runtime.compiled_version(run.version_id)
-    sink = runtime.open_sink(spec["sink"]["connector"])
-    try:
-        sink.prepare(run.sink_options(), compiled.final_schema, run_id=run_id)
-    finally:
-        sink.close()
+    from integration.drift import passes_through
+
+    if not passes_through(spec["steps"]):
+        # A pass-through pipeline's columns are the source's: its chunks prepare
+        # the sink when they load (the first batch tells the schema).
+        sink = runtime.open_sink(spec["sink"]["connector"])
+        try:
+            sink.prepare(run.sink_options(), compiled.final_schema, run_id=run_id)
+        finally:
+            sink.close()
     with transaction.atomic():
         chunks = ChunkRun.objects.filter(run_id=run_id)
         if not chunks.unfinished().exists():
@@ -533,23 +543,56 @@ def quarantine_chunk(
 def record_chunk_stats(
     run_id: int, seq: int, token: str, stats: dict[str, Any]
 ) -> None:
-    """Keep the engine statistics of the chunk's current attempt."""
-    ChunkRun.objects.filter(run_id=run_id, seq=seq, attempt_token=token).update(
-        stats=stats
-    )
+    """Keep the statistics of the chunk's current attempt (merged by key: extract
+    records drift, transform the reference caches)."""
+    with transaction.atomic():
+        chunk = (
+            ChunkRun.objects.select_for_update()
+            .filter(run_id=run_id, seq=seq, attempt_token=token)
+            .only("stats")
+            .first()
+        )
+        if chunk is not None:
+            ChunkRun.objects.filter(pk=chunk.pk).update(
+                stats={**(chunk.stats or {}), **stats}
+            )
+
+
+def prepare_options(attempt: Attempt) -> dict[str, Any]:
+    """The sink options a pass-through chunk prepares the target with.
+
+    With a drift policy other than `ignore`, a SQL sink adds the columns it lacks
+    (`evolve: add_columns`): only columns of the source schema reach it (`freeze`
+    and `quarantine` leave new ones out; `evolve` takes them into the schema).
+    """
+    options = dict(attempt.sink_options)
+    drift = attempt.version_spec.get("drift") or {}
+    if drift.get("policy", "ignore") != "ignore":
+        from connectors.models import Connector
+
+        connector = Connector.objects.get(pk=attempt.version_spec["sink"]["connector"])
+        schema = connector.plugin.write_options_schema
+        if schema is not None and "evolve" in schema._declared_fields:
+            options["evolve"] = "add_columns"
+    return options
 
 
 def run_stats(run: Run) -> dict[str, Any]:
-    """A run's engine statistics: reference cache hits/misses and the oldest age."""
+    """A run's engine statistics: reference cache hits/misses and the oldest age,
+    and the schema drift its chunks found (`drift`, when any)."""
+    from integration.drift import run_drift_stats
+
     refs: dict[str, dict[str, Any]] = {}
-    for stats in run.chunks.values_list("stats", flat=True):
+    all_stats = list(run.chunks.values_list("stats", flat=True))
+    for stats in all_stats:
         for name, ref in (stats or {}).get("references", {}).items():
             agg = refs.setdefault(
                 name, {"hits": 0, "misses": 0, "max_age_seconds": 0.0}
             )
             agg["misses" if ref["source"] == "miss" else "hits"] += 1
             agg["max_age_seconds"] = max(agg["max_age_seconds"], ref["age_seconds"])
-    return {"references": refs}
+    found = run_drift_stats(all_stats)
+    return {"references": refs, **({"drift": found} if found else {})}
 
 
 def token_is_current(run_id: int, seq: int, token: str) -> bool:

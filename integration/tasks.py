@@ -19,8 +19,8 @@ from connectors.exceptions import (
     TerminalError,
     TransientError,
 )
-from integration import runtime, services, staging
-from transforms.engine import EngineResult
+from integration import drift, runtime, services, staging
+from transforms.engine import EngineError, EngineResult
 
 logger = structlog.get_logger(__name__)
 
@@ -108,6 +108,9 @@ def extract_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
         finally:
             source.close()
         table = pa.Table.from_batches(batches) if batches else pa.table({})
+    table, found = drift.check_chunk(run_id, seq, attempt.version_spec, table)
+    if found is not None:
+        services.record_chunk_stats(run_id, seq, token, {"drift": found.stats()})
     size = staging.stage().put(_key(attempt, "extract"), table)
     logger.info("chunk_extracted", rows=table.num_rows, staged_bytes=size)
 
@@ -159,6 +162,7 @@ def transform_table(
 ) -> tuple[pa.Table, pa.Table, int]:
     """Run the compiled version over a chunk; rows the reader flagged are rejected."""
     compiled = runtime.compiled_version(version_id)
+    table, drifted = drift.split_rejected(table)
     unreadable = None
     if "_read_error" in table.column_names:
         import pyarrow.compute as pc
@@ -172,7 +176,11 @@ def transform_table(
         )
     if table.num_rows == 0 and unreadable is not None:
         # Nothing readable: the engine has no columns to bind its steps to.
-        output = compiled.output_schema.empty_table().append_column(
+        try:
+            schema = compiled.output_schema
+        except EngineError:  # pass-through: the output's columns are the input's
+            schema = table.drop_columns(["_source_ref"]).schema
+        output = schema.empty_table().append_column(
             "_source_ref", pa.array([], pa.string())
         )
         result = EngineResult(output, pa.table({}), 0, 0)
@@ -187,6 +195,8 @@ def transform_table(
             "_step", pa.array(["read"] * unreadable.num_rows, pa.string())
         )
         rejected = pa.concat_tables([rejected, extra], promote_options="permissive")
+    if drifted is not None and drifted.num_rows:
+        rejected = pa.concat_tables([rejected, drifted], promote_options="permissive")
     return result.output, rejected, result.filtered
 
 
@@ -221,6 +231,14 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     spec = attempt.version_spec["sink"]
     sink = runtime.open_sink(spec["connector"])
     try:
+        if drift.passes_through(attempt.version_spec["steps"]):
+            # The output's columns are the source's, known only now: prepare the
+            # target for them (adding new ones when the drift policy evolves).
+            sink.prepare(
+                services.prepare_options(attempt),
+                output.schema.remove(output.schema.get_field_index("_source_ref")),
+                run_id=run_id,
+            )
         result = sink.write(
             attempt.sink_options,
             output.replace_schema_metadata(None),

@@ -168,6 +168,9 @@ SPECTACULAR_SETTINGS = {
         "NodeStateEnum": "integration.choices.NodeState",
         "WorkflowRunStateEnum": "integration.choices.WorkflowRunState",
         "PreviewValuesEnum": "transforms.choices.PreviewValues",
+        "DriftPolicyEnum": "integration.choices.DriftPolicy",
+        "ProposalStateEnum": "integration.choices.ProposalState",
+        "SchemaChangeKindEnum": "integration.choices.SchemaChangeKind",
     },
 }
 

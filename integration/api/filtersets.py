@@ -4,8 +4,22 @@ from __future__ import annotations
 
 from django_filters import rest_framework as filters
 
-from integration.choices import DeadLetterState, RunKind, RunState, RunTrigger
-from integration.models import DeadLetter, Pipeline, Run
+from integration.choices import (
+    DeadLetterState,
+    DriftPolicy,
+    ProposalState,
+    RunKind,
+    RunState,
+    RunTrigger,
+    SchemaChangeKind,
+)
+from integration.models import (
+    DeadLetter,
+    Pipeline,
+    Run,
+    SchemaChange,
+    SchemaChangeProposal,
+)
 
 
 class PipelineFilter(filters.FilterSet):
@@ -48,3 +62,22 @@ class DeadLetterFilter(filters.FilterSet):
     class Meta:
         model = DeadLetter
         fields = ["pipeline", "run", "step", "error_class", "state", "chunk_seq"]
+
+
+class SchemaChangeFilter(filters.FilterSet):
+    pipeline = filters.CharFilter(field_name="pipeline__name")
+    kind = filters.ChoiceFilter(choices=SchemaChangeKind.choices)
+    policy = filters.ChoiceFilter(choices=DriftPolicy.choices)
+
+    class Meta:
+        model = SchemaChange
+        fields = ["pipeline", "run", "kind", "policy", "column", "proposal"]
+
+
+class SchemaChangeProposalFilter(filters.FilterSet):
+    pipeline = filters.CharFilter(field_name="pipeline__name")
+    state = filters.ChoiceFilter(choices=ProposalState.choices)
+
+    class Meta:
+        model = SchemaChangeProposal
+        fields = ["pipeline", "state"]

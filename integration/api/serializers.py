@@ -16,7 +16,14 @@ from connectors.models import Connector
 from connectors.ssrf import check_url
 from integration import services
 from integration.choices import ChunkState, WriteMode
-from integration.models import DeadLetter, Pipeline, PipelineVersion, Run
+from integration.models import (
+    DeadLetter,
+    Pipeline,
+    PipelineVersion,
+    Run,
+    SchemaChange,
+    SchemaChangeProposal,
+)
 
 
 class PipelineVersionSerializer(serializers.ModelSerializer):
@@ -26,8 +33,26 @@ class PipelineVersionSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class SourceColumnSerializer(serializers.Serializer):
+    """One column of a pipeline's source schema."""
+
+    name = serializers.CharField(max_length=200)
+    type = serializers.CharField(
+        max_length=100,
+        help_text="string, integer, float, decimal(p,s), boolean, date, timestamp, "
+        "timestamptz, json, or DuckDB's name of a nested type.",
+    )
+
+
 class PipelineSerializer(serializers.ModelSerializer):
     """A pipeline; a change to its behaviour freezes a new version."""
+
+    source_schema = serializers.ListField(
+        child=SourceColumnSerializer(),
+        required=False,
+        help_text="The expected source columns (empty: recorded from the first "
+        "chunk a run extracts, when drift_policy is not ignore).",
+    )
 
     source = serializers.SlugRelatedField(
         slug_field="name", queryset=Connector.objects.all()
@@ -60,6 +85,8 @@ class PipelineSerializer(serializers.ModelSerializer):
             "schedule_timezone",
             "schedule_interval_seconds",
             "notify_url",
+            "drift_policy",
+            "source_schema",
             "cursor_state",
             "current_version",
             "created_at",
@@ -87,6 +114,14 @@ class PipelineSerializer(serializers.ModelSerializer):
             )
         return value
 
+    def validate_source_schema(self, value: list[Any]) -> list[dict[str, str]]:
+        from transforms.engine.drift import SchemaDefinitionError, check_schema
+
+        try:
+            return check_schema([dict(column) for column in value])
+        except SchemaDefinitionError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
     def validate_notify_url(self, value: str) -> str:
         if value:
             try:
@@ -106,6 +141,7 @@ class PipelineSerializer(serializers.ModelSerializer):
             "sink",
             "steps",
             "references",
+            "source_schema",
             "schedule_cron",
             "schedule_timezone",
             "schedule_interval_seconds",
@@ -169,7 +205,8 @@ class RunSerializer(serializers.ModelSerializer):
     duration_seconds = serializers.FloatField(read_only=True, allow_null=True)
     chunks = serializers.SerializerMethodField()
     stats = serializers.SerializerMethodField(
-        help_text="Engine statistics: reference cache hits, misses and oldest age."
+        help_text="Engine statistics: reference cache hits, misses and oldest age; "
+        "`drift`: the schema drift the run found and what its policy did."
     )
 
     class Meta:
@@ -415,3 +452,86 @@ class DiscardOneSerializer(serializers.Serializer):
 
 class CountSerializer(serializers.Serializer):
     count = serializers.IntegerField()
+
+
+class SchemaChangeSerializer(serializers.ModelSerializer):
+    """A schema drift a run found, and what its pipeline's policy did."""
+
+    pipeline = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    version = serializers.IntegerField(source="version.number", read_only=True)
+    applied_version = serializers.IntegerField(
+        source="applied_version.number", read_only=True, allow_null=True
+    )
+
+    class Meta:
+        model = SchemaChange
+        fields = [
+            "id",
+            "pipeline",
+            "run",
+            "version",
+            "kind",
+            "column",
+            "old_type",
+            "new_type",
+            "policy",
+            "action",
+            "applied_version",
+            "proposal",
+            "chunk_seq",
+            "detected_at",
+        ]
+        read_only_fields = fields
+
+
+class ProposalResultSerializer(serializers.Serializer):
+    """What deciding a proposal did."""
+
+    version = serializers.IntegerField(
+        required=False, help_text="The pipeline version approval created."
+    )
+    held_rows = serializers.IntegerField(required=False)
+    backfilled_rows = serializers.IntegerField(
+        required=False, help_text="Loaded rows that received the held values."
+    )
+    held_rows_rejected = serializers.IntegerField(required=False)
+    note = serializers.CharField(required=False)
+
+
+class SchemaChangeProposalSerializer(serializers.ModelSerializer):
+    """New source columns held by quarantine runs, waiting for a decision."""
+
+    pipeline = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    columns = serializers.ListField(child=SourceColumnSerializer(), read_only=True)
+    applied_version = serializers.IntegerField(
+        source="applied_version.number", read_only=True, allow_null=True
+    )
+    decided_by = serializers.SlugRelatedField(
+        slug_field="username",
+        read_only=True,
+        allow_null=True,
+        help_text="The user who approved or rejected it.",
+    )
+    held_rows = serializers.SerializerMethodField()
+    result = ProposalResultSerializer(read_only=True)
+
+    class Meta:
+        model = SchemaChangeProposal
+        fields = [
+            "id",
+            "pipeline",
+            "columns",
+            "state",
+            "first_run",
+            "held_rows",
+            "applied_version",
+            "decided_by",
+            "decided_at",
+            "result",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_held_rows(self, proposal: SchemaChangeProposal) -> int:
+        """Rows whose values are held (not yet loaded or rejected)."""
+        return sum(proposal.held.filter(state="held").values_list("rows", flat=True))

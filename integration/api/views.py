@@ -7,7 +7,8 @@ from typing import Any
 
 import orjson
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet, Sum
+from django.db.models.functions import Coalesce
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -15,8 +16,14 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from integration import services
-from integration.api.filtersets import DeadLetterFilter, PipelineFilter, RunFilter
+from integration import drift, services
+from integration.api.filtersets import (
+    DeadLetterFilter,
+    PipelineFilter,
+    RunFilter,
+    SchemaChangeFilter,
+    SchemaChangeProposalFilter,
+)
 from integration.api.serializers import (
     RUN_LIST_COLUMNS,
     BackfillSerializer,
@@ -29,16 +36,24 @@ from integration.api.serializers import (
     ResumeRunSerializer,
     RunListSerializer,
     RunSerializer,
+    SchemaChangeProposalSerializer,
+    SchemaChangeSerializer,
     StartRunSerializer,
     run_list_rows,
 )
-from integration.choices import RunTrigger
+from integration.choices import HeldState, RunTrigger
 from integration.exceptions import (
     IdempotencyConflictError,
     PipelinePausedError,
     ResumeRefusedError,
 )
-from integration.models import DeadLetter, Pipeline, Run
+from integration.models import (
+    DeadLetter,
+    Pipeline,
+    Run,
+    SchemaChange,
+    SchemaChangeProposal,
+)
 
 CONFLICT = OpenApiResponse(description="Refused: the reason is in `detail`.")
 
@@ -249,3 +264,72 @@ class DeadLetterViewSet(
             return _conflict(ValueError(f"the dead letter is {letter.state}"))
         letter.refresh_from_db()
         return Response(DeadLetterSerializer(letter).data)
+
+
+class SchemaChangeViewSet(viewsets.ReadOnlyModelViewSet):
+    """Schema drift runs found: new columns and type changes, with what the
+    pipeline's drift policy did."""
+
+    queryset = SchemaChange.objects.select_related(
+        "pipeline", "version", "applied_version"
+    )
+    serializer_class = SchemaChangeSerializer
+    filterset_class = SchemaChangeFilter
+    ordering_fields = ["id", "detected_at"]
+
+
+class SchemaChangeProposalViewSet(viewsets.ReadOnlyModelViewSet):
+    """Schema change proposals of quarantine pipelines: approve applies the change
+    and back-fills the held values; reject drops them. Both are idempotent."""
+
+    queryset = (
+        SchemaChangeProposal.objects.select_related(
+            "pipeline", "applied_version", "decided_by"
+        )
+        .annotate(
+            held_rows_now=Coalesce(
+                Sum("held__rows", filter=Q(held__state=HeldState.HELD)), 0
+            )
+        )
+        .order_by("-id")
+    )
+    serializer_class = SchemaChangeProposalSerializer
+    filterset_class = SchemaChangeProposalFilter
+    ordering_fields = ["id", "created_at"]
+
+    @extend_schema(
+        request=None,
+        responses={
+            200: SchemaChangeProposalSerializer,
+            400: OpenApiResponse(
+                description="The sink cannot take the change (`sink` says why)."
+            ),
+            409: CONFLICT,
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def approve(self, request: Request, pk: str | None = None) -> Response:
+        """Add the columns (new pipeline version, sink column) and back-fill the
+        held values into the rows already loaded."""
+        proposal = self.get_object()
+        try:
+            proposal = drift.approve(proposal.pk, user_id=request.user.pk)
+        except drift.ProposalDecidedError as exc:
+            return _conflict(exc)
+        except DjangoValidationError as exc:
+            raise ValidationError(exc.message_dict) from None
+        return Response(SchemaChangeProposalSerializer(proposal).data)
+
+    @extend_schema(
+        request=None,
+        responses={200: SchemaChangeProposalSerializer, 409: CONFLICT},
+    )
+    @action(detail=True, methods=["post"])
+    def reject(self, request: Request, pk: str | None = None) -> Response:
+        """Refuse the change: the held values are marked rejected (and purged)."""
+        proposal = self.get_object()
+        try:
+            proposal = drift.reject(proposal.pk, user_id=request.user.pk)
+        except drift.ProposalDecidedError as exc:
+            return _conflict(exc)
+        return Response(SchemaChangeProposalSerializer(proposal).data)

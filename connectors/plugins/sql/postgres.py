@@ -431,6 +431,90 @@ class PostgresSink(PostgresClient, Sink):
         except (psycopg.Error, PoolTimeout) as exc:
             raise self._failure(exc, f"swapping in {schema_name}.{table}") from None
 
+    # -- backfill ------------------------------------------------------------------
+
+    def backfill(self, options: dict[str, Any], values: pa.Table) -> WriteResult:
+        """Add `values`' data columns to the table and set them on written rows.
+
+        One transaction: `ALTER TABLE ... ADD COLUMN IF NOT EXISTS` per data column,
+        COPY `values` into a temporary table, then `UPDATE ... FROM` it matching
+        `_run_id` and `_source_ref`. A row rewritten since by another run (upsert)
+        no longer matches: it keeps the newer values.
+
+        Returns:
+            `rows_written`: rows updated.
+
+        Raises:
+            ConfigError: bad options, replace mode (its table is swapped per run),
+                or a column type PostgreSQL cannot take.
+            TerminalError: the table does not exist, permission denied, bad data.
+            TransientError: the server cannot be reached.
+        """
+        opts = load_write_options(options, default_schema="public")
+        if opts["write_mode"] == "replace":
+            raise ConfigError("back-fill needs append or upsert (replace swaps tables)")
+        fields_ = data_fields(values.schema)
+        types = {f.name: pg_type(f) for f in fields_}
+        if not types or values.num_rows == 0:
+            return WriteResult(rows_written=0)
+        schema_name, table_name = opts["schema"], opts["table"]
+        target = sql.Identifier(schema_name, table_name)
+        stage = sql.Identifier("dis_backfill_stage")
+        keys = [RUN_ID_COLUMN, SOURCE_REF_COLUMN]
+        table = csv_ready(values.select([*keys, *types]))
+        lock = lock_key("prepare", self._kwargs["dbname"], schema_name, table_name)
+        try:
+            with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (lock, -1))
+                cur.execute("SET LOCAL TimeZone TO 'UTC'")  # see csv_ready()
+                if self._columns(conn, schema_name, table_name) is None:
+                    raise TerminalError(f"table {schema_name}.{table_name} is missing")
+                definitions = [
+                    sql.SQL("{} bigint").format(sql.Identifier(RUN_ID_COLUMN)),
+                    sql.SQL("{} text").format(sql.Identifier(SOURCE_REF_COLUMN)),
+                ]
+                for name, type_ in types.items():
+                    cur.execute(
+                        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                            target, sql.Identifier(name), sql.SQL(type_)
+                        )
+                    )
+                    definitions.append(
+                        sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(type_))
+                    )
+                cur.execute(
+                    sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(
+                        stage, sql.SQL(", ").join(definitions)
+                    )
+                )
+                _copy(cur, stage, table)
+                cur.execute(
+                    sql.SQL("UPDATE {} AS t SET {} FROM {} AS s WHERE {}").format(
+                        target,
+                        sql.SQL(", ").join(
+                            sql.SQL("{} = s.{}").format(
+                                sql.Identifier(n), sql.Identifier(n)
+                            )
+                            for n in types
+                        ),
+                        stage,
+                        sql.SQL(" AND ").join(
+                            sql.SQL("t.{} = s.{}").format(
+                                sql.Identifier(k), sql.Identifier(k)
+                            )
+                            for k in keys
+                        ),
+                    )
+                )
+                updated = cur.rowcount
+        except ConnectorError:
+            raise
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise self._failure(
+                exc, f"back-filling {schema_name}.{table_name}"
+            ) from None
+        return WriteResult(rows_written=updated)
+
     # -- helpers -------------------------------------------------------------------
 
     @staticmethod
@@ -544,6 +628,7 @@ class PostgresPlugin(Plugin):
         discover=True,
         chunkable=True,
         exactly_once=True,
+        backfill=True,
     )
     source_class = PostgresSource
     sink_class = PostgresSink
