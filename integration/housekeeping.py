@@ -23,7 +23,7 @@ from integration.choices import (
     RunState,
     WorkflowRunState,
 )
-from integration.models import ChunkRun, DeadLetter, Run, WorkflowRun
+from integration.models import ChunkRun, DeadLetter, Run, RunKey, WorkflowRun
 
 logger = structlog.get_logger(__name__)
 
@@ -115,16 +115,28 @@ def _time_out_runs(now, report: ReconcileReport) -> None:
 class PurgeReport:
     runs: int = 0
     chunk_runs: int = 0
+    run_keys: int = 0
     dead_letters: int = 0
     staged_files: int = 0
 
 
 def purge(now=None) -> PurgeReport:
-    """Delete what outlived its retention setting (runs, chunk runs, dead letters)."""
+    """Delete what outlived its retention setting (runs, chunk runs, run keys, dead
+    letters)."""
     now = now or timezone.now()
     report = PurgeReport()
     report.dead_letters, _ = DeadLetter.objects.filter(
         created_at__lt=now - timedelta(days=settings.DIS_RETENTION_DEAD_LETTERS_DAYS)
+    ).delete()
+    # A run's keys serve a resume only: kept as long as its chunk plan, and not
+    # past the end of a run that cannot be resumed (finalize deletes them then).
+    report.run_keys, _ = RunKey.objects.filter(
+        Q(run__state__in=(RunState.SUCCEEDED, RunState.SUCCEEDED_WITH_ERRORS))
+        | Q(
+            run__state__in=TERMINAL_STATES,
+            run__finished_at__lt=now
+            - timedelta(days=settings.DIS_RETENTION_CHUNK_RUNS_DAYS),
+        )
     ).delete()
     report.chunk_runs, _ = ChunkRun.objects.filter(
         run__state__in=TERMINAL_STATES,

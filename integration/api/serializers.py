@@ -189,6 +189,7 @@ class RunSerializer(serializers.ModelSerializer):
             "records_written",
             "records_rejected",
             "records_filtered",
+            "records_deduplicated",
             "records_dead_lettered",
             "rejected_ratio",
             "error",

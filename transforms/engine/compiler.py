@@ -55,10 +55,12 @@ from transforms.engine.steps import (
     AggregateStep,
     DeduplicateStep,
     EnrichStep,
+    KeyScope,
     MapStep,
     MaskStep,
     Step,
     ValidateStep,
+    key_scopes,
     parse_steps,
     reference_columns,
 )
@@ -262,6 +264,13 @@ class CompiledPipeline:
                     if rule.kind == "unique":
                         found.setdefault(rule.field, f"_unique_{rule.field}")
         return found
+
+    @property
+    def key_scopes(self) -> list[KeyScope]:
+        """The keys to keep exact across the batches of a run, in step order:
+        the deduplicate step's and each unique field's (see ``KeyScope``);
+        empty for an aggregate pipeline."""
+        return key_scopes(self.steps)
 
     @property
     def final_schema(self) -> pa.Schema:

@@ -1,0 +1,366 @@
+"""Run-scoped keys: deduplicate steps and unique rules exact across a whole run.
+
+The engine keeps one row per key (deduplicate) and rejects repeated values (unique)
+within one chunk, and gives every output row its key hashes (`KeyScope.column`).
+Across chunks the run's keys live in PostgreSQL (`RunKey`, one row per run, scope
+and key, naming the chunk that holds it). Exactness rests on two rules:
+
+- **Load order.** A pipeline with run-wide keys loads its chunks one after the
+  other in source order: chunk n's load starts only when every chunk before it
+  (below it for `keep: first` and unique rules, above it for `keep: last`) is
+  committed. Extract and transform still run in parallel; a load whose turn has
+  not come is sent again a moment later (`DIS_LOAD_TURN_POLL_SECONDS`), never busy
+  waiting. Chunks are dispatched in that order too, so the first unfinished chunk
+  is always in flight and can load: no deadlock.
+- **Claim before write.** In one metadata transaction that locks the chunk's row
+  and checks its attempt token, the load forgets the keys its chunk claimed before
+  (an earlier attempt's), drops or rejects the rows whose key an earlier chunk
+  holds, and inserts the keys of the rows it keeps. A retry after a crash between
+  this claim and the sink commit claims the same keys again; a superseded attempt
+  claims nothing.
+
+So the chunks committed form a prefix of the load order, and the keys stored are
+exactly theirs, plus those of the one chunk loading.
+"""
+
+# The module renders SQL from internal table and column names only.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+from django.db import connection, transaction
+
+from connectors.base import SOURCE_REF_COLUMN
+from integration.choices import CHUNK_IN_FLIGHT, ChunkState, RunState
+from integration.models import ChunkRun, RunKey
+from transforms.engine import KeyScope
+
+#: Chunks load from the first to the last (`first`) or the other way (`last`).
+ASCENDING, DESCENDING = "first", "last"
+#: Values printed in a unique rule's message are cut to this many characters.
+MAX_VALUE_CHARS = 100
+_CLAIM_TABLE = "dis_runkey_claim"
+
+
+def load_order(scopes: Sequence[KeyScope]) -> str | None:
+    """The order a pipeline's chunks must load in: `first` (ascending seq), `last`
+    (descending, a deduplicate keeping the last row), or None (any order)."""
+    if not scopes:
+        return None
+    return DESCENDING if any(s.keep == DESCENDING for s in scopes) else ASCENDING
+
+
+def definition_error(compiled: Any) -> str:
+    """Why a compiled step list cannot keep its keys exact across a run ("" if it
+    can)."""
+    from transforms.engine.steps import DeduplicateStep, ValidateStep
+
+    if compiled.is_aggregate and any(
+        isinstance(step, DeduplicateStep)
+        or (
+            isinstance(step, ValidateStep)
+            and any(rule.kind == "unique" for rule in step.rules)
+        )
+        for step in compiled.steps
+    ):
+        return (
+            "a deduplicate step or unique rule before an aggregate would hold "
+            "within a chunk only: deduplicate in a pipeline of its own first"
+        )
+    if len({scope.keep for scope in compiled.key_scopes}) > 1:
+        return (
+            "a deduplicate step keeping the last row cannot be combined with "
+            "unique rules (the first occurrence passes): the chunks of a run load "
+            "in one order"
+        )
+    return ""
+
+
+def signature(compiled: Any) -> list[tuple[str, ...]]:
+    """What the stored keys of a run depend on: each scope's name, order and key
+    columns with their output types. Two versions with the same signature hash
+    the same rows to the same keys."""
+    try:
+        types = {f.name.lower(): str(f.type) for f in compiled.output_schema}
+    except Exception:  # noqa: BLE001 - no map step: the input's types, unknown here
+        types = {}
+    return [
+        (s.name, s.keep, *(f"{c}:{types.get(c.lower(), '?')}" for c in s.key))
+        for s in compiled.key_scopes
+    ]
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Whether a chunk may load now.
+
+    Attributes:
+        go: every chunk before it (in load order) is committed.
+        blocked_by: a chunk before it that was skipped or quarantined (it cannot
+            load before a resume), or None.
+    """
+
+    go: bool
+    blocked_by: tuple[int, str] | None = None
+
+
+def turn(run_id: int, seq: int, order: str) -> Turn:
+    """May chunk `seq` of the run load now (see the module docstring)?"""
+    before = ChunkRun.objects.filter(run_id=run_id).exclude(state=ChunkState.DONE)
+    before = (
+        before.filter(seq__lt=seq) if order == ASCENDING else before.filter(seq__gt=seq)
+    )
+    stuck = (
+        before.filter(state__in=(ChunkState.SKIPPED, ChunkState.QUARANTINED))
+        .order_by("seq")
+        .values_list("seq", "state")
+        .first()
+    )
+    if stuck is not None:
+        return Turn(go=False, blocked_by=stuck)
+    return Turn(go=not before.exists())
+
+
+@dataclass
+class Claimed:
+    """A chunk's rows after the run-wide keys.
+
+    Attributes:
+        output: the rows to write, without the key hash columns.
+        rejected: rows whose unique value an earlier row of the run holds: the
+            input columns, `_error` and `_step` (`validate`).
+        deduplicated: rows dropped because an earlier chunk kept their key.
+    """
+
+    output: pa.Table
+    rejected: pa.Table
+    deduplicated: int
+
+
+def strip_keys(output: pa.Table, scopes: Sequence[KeyScope]) -> pa.Table:
+    """The output without the key hash columns the engine appended."""
+    return output.drop_columns(
+        [s.column for s in scopes if s.column in output.schema.names]
+    )
+
+
+def claim(
+    run_id: int,
+    seq: int,
+    token: str,
+    scopes: Sequence[KeyScope],
+    output: pa.Table,
+    inputs: pa.Table | None,
+) -> Claimed | None:
+    """Claim the run-wide keys of a chunk's output; drop or reject the rows whose
+    key an earlier chunk holds.
+
+    Scopes apply in step order: a row dropped or rejected by one claims no key of
+    a later one. Within the chunk the engine already kept one row per key; should
+    two rows still share a key, the first in load order wins here too.
+
+    Args:
+        run_id, seq, token: the attempt (its chunk's row is locked and its token
+            checked: a superseded attempt claims nothing).
+        scopes: the pipeline's `key_scopes`.
+        output: the engine's output rows, with `_source_ref` and the key columns.
+        inputs: the input rows of `output`, aligned with it (the dead letters of
+            unique rules hold them); needed only with unique scopes.
+
+    Returns:
+        The rows to write and those rejected; None when the attempt is stale.
+    """
+    n = output.num_rows
+    keep = np.ones(n, dtype=bool)
+    errors: dict[int, str] = {}
+    deduplicated = 0
+    order = load_order(scopes)
+    with transaction.atomic():
+        current = list(
+            ChunkRun.objects.select_for_update(of=("self",))
+            .filter(
+                run_id=run_id,
+                seq=seq,
+                attempt_token=token,
+                state__in=CHUNK_IN_FLIGHT,
+                run__state=RunState.RUNNING,
+            )
+            .values_list("pk", flat=True)
+        )
+        if not current:
+            return None
+        # An earlier attempt's claim (the same rows, or different ones if what
+        # the source gave changed): the chunk claims afresh.
+        RunKey.objects.filter(run_id=run_id, seq=seq).delete()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"CREATE TEMP TABLE {_CLAIM_TABLE} (key uuid, pos integer, ref text)"
+            )
+            for scope in scopes:
+                if scope.column not in output.schema.names:
+                    continue
+                lost = _claim_scope(cursor, run_id, seq, scope, output, keep, order)
+                if not lost:
+                    continue
+                keep[np.fromiter(lost, dtype=np.int64, count=len(lost))] = False
+                if scope.kind == "deduplicate":
+                    deduplicated += len(lost)
+                    continue
+                for pos, (holder, first_ref) in lost.items():
+                    errors[pos] = _unique_message(scope, output, pos, holder, first_ref)
+            cursor.execute(f"DROP TABLE {_CLAIM_TABLE}")
+    rejected = _rejected(inputs, errors)
+    kept = output if keep.all() else output.filter(pa.array(keep))
+    return Claimed(strip_keys(kept, scopes), rejected, deduplicated)
+
+
+def _claim_scope(
+    cursor: Any,
+    run_id: int,
+    seq: int,
+    scope: KeyScope,
+    output: pa.Table,
+    keep: np.ndarray,
+    order: str | None,
+) -> dict[int, tuple[int, str]]:
+    """Claim one scope's keys of the rows still kept.
+
+    Returns:
+        The positions that lose -> (the chunk holding their key, the row holding
+        it).
+    """
+    hashes = output.column(scope.column).combine_chunks()
+    candidates = np.flatnonzero(
+        keep & pc.is_valid(hashes).to_numpy(zero_copy_only=False)
+    )
+    if order == DESCENDING:
+        candidates = candidates[::-1]
+    if not len(candidates):
+        return {}
+    refs = _refs(output)
+    keys = hashes.take(pa.array(candidates, pa.int64())).to_numpy(zero_copy_only=False)
+    # The engine kept one row per key; should two rows still share one, the
+    # first in load order wins.
+    _, first = np.unique(keys, return_index=True)
+    lost: dict[int, tuple[int, str]] = {}
+    if len(first) < len(candidates):
+        winner = np.zeros(len(candidates), dtype=bool)
+        winner[first] = True
+        holder = dict(zip(keys[first], candidates[first], strict=True))
+        for pos, key in zip(candidates[~winner], keys[~winner], strict=True):
+            lost[int(pos)] = (seq, refs[holder[key]].as_py() or "")
+        candidates, keys = candidates[winner], keys[winner]
+    claim = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "pos": pa.array(candidates, pa.int64()),
+            "ref": refs.take(pa.array(candidates, pa.int64())).fill_null(""),
+        }
+    )
+    _load_claim_table(cursor, claim)
+    key = connection.ops.quote_name("key")
+    table = RunKey._meta.db_table
+    cursor.execute(
+        f"SELECT c.pos, k.seq, k.source_ref FROM {_CLAIM_TABLE} c "
+        f"JOIN {table} k ON k.run_id = %s AND k.scope = %s AND k.{key} = c.key",
+        [run_id, scope.name],
+    )
+    lost.update({int(p): (h, r) for p, h, r in cursor.fetchall()})
+    cursor.execute(
+        f"INSERT INTO {table} (run_id, scope, {key}, seq, source_ref) "
+        f"SELECT %s, %s, c.key, %s, c.ref FROM {_CLAIM_TABLE} c WHERE true "
+        f"ON CONFLICT (run_id, scope, {key}) DO NOTHING",
+        [run_id, scope.name, seq],
+    )
+    cursor.execute(f"DELETE FROM {_CLAIM_TABLE}")
+    return lost
+
+
+def _refs(output: pa.Table) -> pa.Array:
+    if SOURCE_REF_COLUMN not in output.schema.names:
+        return pa.nulls(output.num_rows, pa.string())
+    return output.column(SOURCE_REF_COLUMN).combine_chunks().cast(pa.string())
+
+
+def _load_claim_table(cursor: Any, claim: pa.Table) -> None:
+    """Fill the claim table: COPY on PostgreSQL, plain inserts elsewhere."""
+    if connection.vendor == "postgresql":
+        buffer = io.BytesIO()
+        pacsv.write_csv(claim, buffer, pacsv.WriteOptions(include_header=False))
+        with cursor.cursor.copy(
+            f"COPY {_CLAIM_TABLE} (key, pos, ref) FROM STDIN WITH (FORMAT csv)"
+        ) as copy:
+            copy.write(buffer.getvalue())
+    else:
+        cursor.executemany(
+            f"INSERT INTO {_CLAIM_TABLE} (key, pos, ref) VALUES (%s, %s, %s)",
+            list(
+                zip(
+                    *(claim.column(c).to_pylist() for c in claim.column_names),
+                    strict=True,
+                )
+            ),
+        )
+
+
+def _unique_message(
+    scope: KeyScope, output: pa.Table, pos: int, holder: int, ref: str
+) -> str:
+    field = scope.key[0]
+    names = {n.lower(): n for n in output.schema.names}
+    column = names.get(field.lower())
+    where = f"first at {ref}" if ref else f"first in chunk {holder}"
+    if column is None:
+        return f"{field}: the value is not unique within the run ({where})"
+    value = output.column(column)[pos].as_py()
+    text = str(value)
+    if len(text) > MAX_VALUE_CHARS:
+        text = text[:MAX_VALUE_CHARS] + "..."
+    return f"{field}: '{text}' is not unique within the run ({where})"
+
+
+def _rejected(inputs: pa.Table | None, errors: dict[int, str]) -> pa.Table:
+    if not errors:
+        return pa.table({})
+    if inputs is None:
+        raise ValueError("unique rules reject rows: their input rows are needed")
+    positions = sorted(errors)
+    rows = inputs.take(pa.array(positions, pa.int64()))
+    return rows.append_column(
+        "_error", pa.array([errors[p] for p in positions], pa.string())
+    ).append_column("_step", pa.array(["validate"] * len(positions), pa.string()))
+
+
+def aligned_inputs(table: pa.Table, output: pa.Table) -> pa.Table:
+    """The input rows of each output row (matched by `_source_ref`), aligned with
+    `output`: what a unique rule's dead letter holds."""
+    index = pc.index_in(
+        output.column(SOURCE_REF_COLUMN), value_set=table.column(SOURCE_REF_COLUMN)
+    )
+    return table.take(index)
+
+
+def forget(run_id: int) -> int:
+    """Delete a run's keys (it cannot be resumed any more); returns how many."""
+    deleted, _ = RunKey.objects.filter(run_id=run_id).delete()
+    return deleted
+
+
+def resume_error(old: Any, new: Any) -> str:
+    """Why the keys a run stored under version `old` do not fit version `new`
+    ("" if they do), for a resume with another version."""
+    if signature(old) == signature(new):
+        return ""
+    return (
+        "the run's deduplicate keys or unique values were stored for "
+        f"{signature(old) or 'none'}; this version needs {signature(new) or 'none'}"
+    )
