@@ -8,10 +8,12 @@ and key, naming the chunk that holds it). Exactness rests on two rules:
 - **Load order.** A pipeline with run-wide keys loads its chunks one after the
   other in source order: chunk n's load starts only when every chunk before it
   (below it for `keep: first` and unique rules, above it for `keep: last`) is
-  committed. Extract and transform still run in parallel; a load whose turn has
-  not come is sent again a moment later (`DIS_LOAD_TURN_POLL_SECONDS`), never busy
-  waiting. Chunks are dispatched in that order too, so the first unfinished chunk
-  is always in flight and can load: no deadlock.
+  committed. Extract and transform still run in parallel. A load whose turn has
+  not come returns; the chunk before it, once committed, sends it again
+  (`wake_next`), and as a safety net (a lost message) it is also sent again after
+  `DIS_LOAD_TURN_POLL_SECONDS`: no busy waiting. Chunks are dispatched in that
+  order too, so the first unfinished chunk is always in flight and can load: no
+  deadlock.
 - **Claim before write.** In one metadata transaction that locks the chunk's row
   and checks its attempt token, the load forgets the keys its chunk claimed before
   (an earlier attempt's), drops or rejects the rows whose key an earlier chunk
@@ -128,6 +130,28 @@ def turn(run_id: int, seq: int, order: str) -> Turn:
     if stuck is not None:
         return Turn(go=False, blocked_by=stuck)
     return Turn(go=not before.exists())
+
+
+def wake_next(version_id: int, run_id: int, seq: int, correlation_id: str) -> bool:
+    """After chunk `seq` committed: send the load of the next chunk in load order
+    now if it is waiting for its turn (its periodic check would come later)."""
+    from integration import orchestration, runtime
+
+    order = load_order(runtime.compiled_version(version_id).key_scopes)
+    if order is None:
+        return False
+    following = seq + 1 if order == ASCENDING else seq - 1
+    token = (
+        ChunkRun.objects.filter(
+            run_id=run_id, seq=following, state__in=CHUNK_IN_FLIGHT, step="load"
+        )
+        .values_list("attempt_token", flat=True)
+        .first()
+    )
+    if token is None:
+        return False
+    orchestration.send_load(run_id, following, str(token), correlation_id, countdown=0)
+    return True
 
 
 @dataclass

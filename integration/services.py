@@ -495,6 +495,29 @@ def _owner_gone(owner: str, touched_at: Any, now: Any) -> bool:
     return (now - touched_at).total_seconds() > settings.CELERY_TASK_TIME_LIMIT
 
 
+def loading_elsewhere(run_id: int, seq: int, token: str, task_id: str) -> bool:
+    """Is another live task loading this attempt's chunk right now, in a pipeline
+    whose chunks load in order? A load sent to wake a waiting chunk and the chunk's
+    own later check may both arrive: the second then leaves the work to the first
+    (were the first's worker to die, its message comes back)."""
+    from integration import runkeys, runtime
+
+    chunk = (
+        ChunkRun.objects.filter(
+            run_id=run_id, seq=seq, attempt_token=token, step="load", step_open=True
+        )
+        .exclude(step_task_id__in=("", task_id))
+        .select_related("run")
+        .first()
+    )
+    if chunk is None:
+        return False
+    scopes = runtime.compiled_version(chunk.run.version_id).key_scopes
+    if runkeys.load_order(scopes) is None:
+        return False
+    return not _owner_gone(chunk.step_owner, chunk.touched_at, timezone.now())
+
+
 def end_step(run_id: int, seq: int, token: str) -> None:
     """The step of this attempt returned or raised: it did not kill its worker."""
     ChunkRun.objects.filter(run_id=run_id, seq=seq, attempt_token=token).update(
@@ -761,6 +784,11 @@ def complete_chunk(
             orchestration.send_finalize(run_id, run.correlation_id)
         else:
             dispatch_chunks(run_id, 1, run.correlation_id)
+    # After the commit: the next chunk's load either sees this one done or is seen
+    # waiting here.
+    from integration import runkeys
+
+    runkeys.wake_next(attempt.version_id, run_id, seq, attempt.correlation_id)
     return True
 
 

@@ -226,6 +226,8 @@ def transform_table(
     name="integration.load_chunk", base=RunTask, bind=True, **_RETRY, **_LIMITS
 )
 def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
+    if services.loading_elsewhere(run_id, seq, token, self.request.id or ""):
+        return
     attempt = services.begin_attempt(
         run_id, seq, token, step="load", task_id=self.request.id or ""
     )
@@ -302,8 +304,9 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
 def _my_turn(attempt: services.Attempt, order: str | None) -> bool:
     """Whether the chunk may load now, in a pipeline whose chunks load in order.
 
-    Not yet: the load is sent again in a moment (a new message, so the wait uses no
-    retry of the task's budget). Never (a chunk before it was skipped or
+    Not yet: the load returns; the chunk before it sends it again once committed,
+    and so does a delayed message (a safety net), a new one so the wait uses no
+    retry of the task's budget. Never (a chunk before it was skipped or
     quarantined): the run stops, to be resumed once that chunk can run.
     """
     if order is None:

@@ -46,13 +46,13 @@ def md5(text: str) -> str:
 
 @pytest.fixture
 def load_later(monkeypatch) -> list[tuple]:
-    """The loads sent again to wait for their turn."""
+    """The loads sent again: ("poll" | "wake", run id, seq, token)."""
     calls: list[tuple] = []
-    monkeypatch.setattr(
-        orchestration,
-        "send_load",
-        lambda run_id, seq, token, cid, countdown: calls.append((run_id, seq, token)),
-    )
+
+    def send_load(run_id, seq, token, cid, *, countdown):
+        calls.append(("wake" if countdown == 0 else "poll", run_id, seq, token))
+
+    monkeypatch.setattr(orchestration, "send_load", send_load)
     return calls
 
 
@@ -207,15 +207,17 @@ def test_a_load_waits_until_every_chunk_before_it_committed(keyed, load_later, p
     run_steps(run, 1, E, T, L)
     # Chunk 0 has not loaded: chunk 1 writes nothing, claims nothing, and is
     # sent again for later.
-    assert load_later == [(run.pk, 1, token(run, 1))]
+    assert load_later == [("poll", run.pk, 1, token(run, 1))]
     assert state(run, 1) == "running"
     assert not RunKey.objects.filter(run=run).exists()
     assert sink_query(pg_sink, f'SELECT count(*) FROM "{table}"') == [(0,)]
 
     run_steps(run, 0, E, T, L)
+    # Committed, chunk 0 wakes the waiting chunk 1 at once.
+    assert load_later[1:] == [("wake", run.pk, 1, token(run, 1))]
     run_steps(run, 1, L)
     run_steps(run, 2, E, T, L)
-    assert len(load_later) == 1
+    assert len(load_later) == 2
 
     tasks.finalize_run(run.pk)
     run.refresh_from_db()
@@ -239,8 +241,9 @@ def test_keep_last_dispatches_and_loads_from_the_last_chunk(
     run, table = keyed([KEYED_MAP, {**DEDUPE, "keep": "last"}], window=2)
     assert [c[2] for c in sent if c[0] == "chunk"] == [2, 1]
     run_steps(run, 1, E, T, L)  # chunk 2 has not loaded: not its turn
-    assert load_later == [(run.pk, 1, token(run, 1))]
+    assert load_later == [("poll", run.pk, 1, token(run, 1))]
     run_steps(run, 2, E, T, L)
+    assert load_later[1:] == [("wake", run.pk, 1, token(run, 1))]
     assert [c[2] for c in sent if c[0] == "chunk"] == [2, 1, 0]
     run_steps(run, 1, L)
     run_steps(run, 0, E, T, L)
@@ -445,3 +448,43 @@ def test_deduplicate_and_unique_pipelines_are_accepted(generator_connector, pg_s
                 steps=[KEYED_MAP, {"type": "deduplicate", "key": ["nope"]}],
             )
         )
+
+
+def test_a_second_load_leaves_a_chunk_to_the_live_load_of_it(keyed):
+    """A wake-up and the chunk's own later check may both arrive: the one that finds
+    a live task loading the chunk returns, unless that task's process is gone."""
+    import os
+    import socket
+
+    run, _ = keyed([KEYED_MAP, DEDUPE])
+    t1 = token(run, 1)
+    ChunkRun.objects.filter(run=run, seq=1).update(
+        step="load",
+        step_open=True,
+        step_task_id="other-task",
+        step_owner=f"{socket.gethostname()}:{os.getpid()}",
+        touched_at=timezone.now(),
+    )
+    assert services.loading_elsewhere(run.pk, 1, t1, "this-task")
+    # The same message redelivered (its worker died) is the load itself.
+    assert not services.loading_elsewhere(run.pk, 1, t1, "other-task")
+    ChunkRun.objects.filter(run=run, seq=1).update(step_owner="nohost:1")
+    ChunkRun.objects.filter(run=run, seq=1).update(
+        touched_at=timezone.now() - timedelta(days=1)
+    )
+    assert not services.loading_elsewhere(run.pk, 1, t1, "this-task")
+
+
+def test_loads_of_a_pipeline_without_keys_never_defer(keyed):
+    import os
+    import socket
+
+    run, _ = keyed([KEYED_MAP])
+    ChunkRun.objects.filter(run=run, seq=1).update(
+        step="load",
+        step_open=True,
+        step_task_id="other-task",
+        step_owner=f"{socket.gethostname()}:{os.getpid()}",
+        touched_at=timezone.now(),
+    )
+    assert not services.loading_elsewhere(run.pk, 1, token(run, 1), "this-task")
