@@ -415,9 +415,15 @@ class RunKey(models.Model):
     can be resumed; see `integration.runkeys`.
     """
 
-    # The unique constraint's index (run first) serves lookups by run.
+    # The unique constraint's index (run first) serves lookups by run. No database
+    # constraint: a load inserts tens of thousands of keys and each would queue a
+    # foreign key check; deleting a run deletes its keys (Django's cascade).
     run = models.ForeignKey(
-        Run, on_delete=models.CASCADE, related_name="+", db_index=False
+        Run,
+        on_delete=models.CASCADE,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
     )
     scope = models.CharField(max_length=200)
     key = models.UUIDField()

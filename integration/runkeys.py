@@ -291,22 +291,55 @@ def _claim_scope(
         }
     )
     _load_claim_table(cursor, claim)
-    key = connection.ops.quote_name("key")
-    table = RunKey._meta.db_table
-    cursor.execute(
-        f"SELECT c.pos, k.seq, k.source_ref FROM {_CLAIM_TABLE} c "
-        f"JOIN {table} k ON k.run_id = %s AND k.scope = %s AND k.{key} = c.key",
-        [run_id, scope.name],
-    )
-    lost.update({int(p): (h, r) for p, h, r in cursor.fetchall()})
-    cursor.execute(
-        f"INSERT INTO {table} (run_id, scope, {key}, seq, source_ref) "
-        f"SELECT %s, %s, c.key, %s, c.ref FROM {_CLAIM_TABLE} c WHERE true "
-        f"ON CONFLICT (run_id, scope, {key}) DO NOTHING",
-        [run_id, scope.name, seq],
-    )
+    lost.update(_insert_claim(cursor, run_id, seq, scope))
     cursor.execute(f"DELETE FROM {_CLAIM_TABLE}")
     return lost
+
+
+def _insert_claim(
+    cursor: Any, run_id: int, seq: int, scope: KeyScope
+) -> dict[int, tuple[int, str]]:
+    """Insert the claim table's keys that no chunk holds yet as chunk `seq`'s.
+
+    Returns:
+        The positions whose key another chunk holds -> (that chunk, its row);
+        for a deduplicate scope only the positions matter ((-1, "")).
+    """
+    key = connection.ops.quote_name("key")
+    table = RunKey._meta.db_table
+    insert = (
+        f"INSERT INTO {table} (run_id, scope, {key}, seq, source_ref) "
+        f"SELECT %s, %s, c.key, %s, c.ref FROM {_CLAIM_TABLE} c WHERE true "
+        f"ON CONFLICT (run_id, scope, {key}) DO NOTHING"
+    )
+    params = [run_id, scope.name, seq]
+    if connection.vendor != "postgresql":
+        cursor.execute(
+            f"SELECT c.pos, k.seq, k.source_ref FROM {_CLAIM_TABLE} c JOIN {table} k "
+            f"ON k.run_id = %s AND k.scope = %s AND k.{key} = c.key",
+            [run_id, scope.name],
+        )
+        held = {int(p): (h, r) for p, h, r in cursor.fetchall()}
+        cursor.execute(insert, params)
+        return held
+    # One statement: the keys it could not insert are the ones held (a join of
+    # the claim with all the run's keys would grow with the run).
+    cursor.execute(
+        f"WITH ins AS ({insert} RETURNING {key}) SELECT c.pos, c.key "
+        f"FROM {_CLAIM_TABLE} c WHERE NOT EXISTS "
+        f"(SELECT 1 FROM ins WHERE ins.{key} = c.key)",
+        params,
+    )
+    lost = cursor.fetchall()
+    if not lost or scope.kind == "deduplicate":
+        return {int(pos): (-1, "") for pos, _ in lost}
+    cursor.execute(
+        f"SELECT {key}, seq, source_ref FROM {table} WHERE run_id = %s "
+        f"AND scope = %s AND {key} = ANY(%s::uuid[])",
+        [run_id, scope.name, [str(k) for _, k in lost]],
+    )
+    holders = {str(k): (h, r) for k, h, r in cursor.fetchall()}
+    return {int(pos): holders[str(k)] for pos, k in lost}
 
 
 def _refs(output: pa.Table) -> pa.Array:

@@ -7,6 +7,7 @@ finished, or owned by a newer attempt.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,10 +256,19 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     deduplicated = int(meta.get(b"dis.deduplicated", b"0"))
     output = output.replace_schema_metadata(None)
     if scopes:
+        started = time.perf_counter()
         claimed = runkeys.claim(run_id, seq, token, scopes, output, inputs)
         if claimed is None:
             logger.info("chunk_claim_superseded")
             return
+        logger.info(
+            "chunk_keys_claimed",
+            rows=output.num_rows,
+            kept=claimed.output.num_rows,
+            deduplicated=claimed.deduplicated,
+            rejected=claimed.rejected.num_rows,
+            seconds=round(time.perf_counter() - started, 3),
+        )
         output = claimed.output
         deduplicated += claimed.deduplicated
         if claimed.rejected.num_rows:
