@@ -313,7 +313,7 @@ def _insert_claim(
         f"ON CONFLICT (run_id, scope, {key}) DO NOTHING"
     )
     params = [run_id, scope.name, seq]
-    if connection.vendor != "postgresql":
+    if not _is_postgresql():
         cursor.execute(
             f"SELECT c.pos, k.seq, k.source_ref FROM {_CLAIM_TABLE} c JOIN {table} k "
             f"ON k.run_id = %s AND k.scope = %s AND k.{key} = c.key",
@@ -342,6 +342,12 @@ def _insert_claim(
     return {int(pos): holders[str(k)] for pos, k in lost}
 
 
+def _is_postgresql() -> bool:
+    """COPY and DML in a CTE on PostgreSQL; plain SQL elsewhere (the local SQLite
+    default)."""
+    return connection.vendor == "postgresql"
+
+
 def _refs(output: pa.Table) -> pa.Array:
     if SOURCE_REF_COLUMN not in output.schema.names:
         return pa.nulls(output.num_rows, pa.string())
@@ -350,7 +356,7 @@ def _refs(output: pa.Table) -> pa.Array:
 
 def _load_claim_table(cursor: Any, claim: pa.Table) -> None:
     """Fill the claim table: COPY on PostgreSQL, plain inserts elsewhere."""
-    if connection.vendor == "postgresql":
+    if _is_postgresql():
         buffer = io.BytesIO()
         pacsv.write_csv(claim, buffer, pacsv.WriteOptions(include_header=False))
         with cursor.cursor.copy(

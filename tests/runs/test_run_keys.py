@@ -118,7 +118,16 @@ def output(keys: list[str | None], refs: list[str], column="_dedupe_key") -> pa.
 # --- The claim ------------------------------------------------------------------------
 
 
-def test_claim_keeps_the_holder_and_a_retry_claims_the_same(keyed):
+@pytest.fixture(params=["postgresql", "portable"])
+def sql_path(request, monkeypatch):
+    """PostgreSQL's COPY and INSERT ... RETURNING, or the plain SQL the local
+    SQLite default uses (run here on PostgreSQL too)."""
+    if request.param == "portable":
+        monkeypatch.setattr(runkeys, "_is_postgresql", lambda: False)
+    return request.param
+
+
+def test_claim_keeps_the_holder_and_a_retry_claims_the_same(keyed, sql_path):
     run, _ = keyed([KEYED_MAP, DEDUPE])
     t0, t1 = token(run, 0), token(run, 1)
 
@@ -153,7 +162,7 @@ def test_claim_keeps_the_holder_and_a_retry_claims_the_same(keyed):
     assert held(run) == {"#1": 0, "#2": 0, "#6": 1}
 
 
-def test_claim_rejects_a_unique_value_naming_the_first_row(keyed):
+def test_claim_rejects_a_unique_value_naming_the_first_row(keyed, sql_path):
     run, _ = keyed([KEYED_MAP, DEDUPE])
     runkeys.claim(
         run.pk,
