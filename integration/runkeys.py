@@ -51,6 +51,7 @@ ASCENDING, DESCENDING = "first", "last"
 #: Values printed in a unique rule's message are cut to this many characters.
 MAX_VALUE_CHARS = 100
 _CLAIM_TABLE = "dis_runkey_claim"
+_HELD_PREFIX = "__runkey_held__"
 
 
 def load_order(scopes: Sequence[KeyScope]) -> str | None:
@@ -184,13 +185,17 @@ def claim(
     scopes: Sequence[KeyScope],
     output: pa.Table,
     inputs: pa.Table | None,
+    held: pa.Table | None = None,
 ) -> Claimed | None:
     """Claim the run-wide keys of a chunk's output; drop or reject the rows whose
     key an earlier chunk holds.
 
     Scopes apply in step order: a row dropped or rejected by one claims no key of
     a later one. Within the chunk the engine already kept one row per key; should
-    two rows still share a key, the first in load order wins here too.
+    two rows still share a key, the first in load order wins here too. Rejected
+    rows that hold a key in the chunk (`held`) claim it too, as in one pass over
+    all the rows: the row a deduplicate step kept that a later rule rejected, the
+    first occurrence of a unique value that another rule rejected.
 
     Args:
         run_id, seq, token: the attempt (its chunk's row is locked and its token
@@ -199,12 +204,15 @@ def claim(
         output: the engine's output rows, with `_source_ref` and the key columns.
         inputs: the input rows of `output`, aligned with it (the dead letters of
             unique rules hold them); needed only with unique scopes.
+        held: the key columns and `_source_ref` of the chunk's rejected rows
+            (the engine's `rejected_keys`), or None.
 
     Returns:
         The rows to write and those rejected; None when the attempt is stale.
     """
     n = output.num_rows
-    keep = np.ones(n, dtype=bool)
+    rows = _key_rows(output, scopes, held)
+    keep = np.ones(rows.num_rows, dtype=bool)
     errors: dict[int, str] = {}
     deduplicated = 0
     order = load_order(scopes)
@@ -230,12 +238,12 @@ def claim(
                 f"CREATE TEMP TABLE {_CLAIM_TABLE} (key uuid, pos integer, ref text)"
             )
             for scope in scopes:
-                if scope.column not in output.schema.names:
-                    continue
-                lost = _claim_scope(cursor, run_id, seq, scope, output, keep, order)
+                lost = _claim_scope(cursor, run_id, seq, scope, rows, keep, order)
                 if not lost:
                     continue
                 keep[np.fromiter(lost, dtype=np.int64, count=len(lost))] = False
+                # Rows past the output were rejected already.
+                lost = {pos: why for pos, why in lost.items() if pos < n}
                 if scope.kind == "deduplicate":
                     deduplicated += len(lost)
                     continue
@@ -243,8 +251,31 @@ def claim(
                     errors[pos] = _unique_message(scope, output, pos, holder, first_ref)
             cursor.execute(f"DROP TABLE {_CLAIM_TABLE}")
     rejected = _rejected(inputs, errors)
-    kept = output if keep.all() else output.filter(pa.array(keep))
+    kept = output if keep[:n].all() else output.filter(pa.array(keep[:n]))
     return Claimed(strip_keys(kept, scopes), rejected, deduplicated)
+
+
+def _key_rows(
+    output: pa.Table, scopes: Sequence[KeyScope], held: pa.Table | None
+) -> pa.Table:
+    """The key columns and `_source_ref` of the output rows, then of the rejected
+    rows holding a key (every scope's column, NULL where a table lacks it)."""
+    names = [*(s.column for s in scopes), SOURCE_REF_COLUMN]
+    parts = []
+    for table in (output, held):
+        if table is None:
+            continue
+        parts.append(
+            pa.table(
+                {
+                    name: table.column(name).cast(pa.string())
+                    if name in table.schema.names
+                    else pa.nulls(table.num_rows, pa.string())
+                    for name in names
+                }
+            )
+        )
+    return pa.concat_tables(parts)
 
 
 def _claim_scope(
@@ -252,7 +283,7 @@ def _claim_scope(
     run_id: int,
     seq: int,
     scope: KeyScope,
-    output: pa.Table,
+    rows: pa.Table,
     keep: np.ndarray,
     order: str | None,
 ) -> dict[int, tuple[int, str]]:
@@ -262,7 +293,7 @@ def _claim_scope(
         The positions that lose -> (the chunk holding their key, the row holding
         it).
     """
-    hashes = output.column(scope.column).combine_chunks()
+    hashes = rows.column(scope.column).combine_chunks()
     candidates = np.flatnonzero(
         keep & pc.is_valid(hashes).to_numpy(zero_copy_only=False)
     )
@@ -270,7 +301,7 @@ def _claim_scope(
         candidates = candidates[::-1]
     if not len(candidates):
         return {}
-    refs = _refs(output)
+    refs = _refs(rows)
     keys = hashes.take(pa.array(candidates, pa.int64())).to_numpy(zero_copy_only=False)
     # The engine kept one row per key; should two rows still share one, the
     # first in load order wins.
@@ -410,6 +441,35 @@ def aligned_inputs(table: pa.Table, output: pa.Table) -> pa.Table:
         output.column(SOURCE_REF_COLUMN), value_set=table.column(SOURCE_REF_COLUMN)
     )
     return table.take(index)
+
+
+def attach_held(rejected: pa.Table, rejected_keys: pa.Table | None) -> pa.Table:
+    """The rejected rows with the engine's `rejected_keys` appended (prefixed), to
+    travel with them to the load."""
+    if rejected_keys is None or rejected_keys.num_rows != rejected.num_rows:
+        return rejected
+    for name in rejected_keys.column_names:
+        rejected = rejected.append_column(
+            f"{_HELD_PREFIX}{name}", rejected_keys.column(name)
+        )
+    return rejected
+
+
+def detach_held(rejected: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+    """Split `attach_held`'s columns off again: (the rejected rows as the engine
+    gave them, their key columns with `_source_ref` or None)."""
+    names = [c for c in rejected.column_names if c.startswith(_HELD_PREFIX)]
+    if not names:
+        return rejected, None
+    held = pa.table(
+        {
+            **{c[len(_HELD_PREFIX) :]: rejected.column(c) for c in names},
+            SOURCE_REF_COLUMN: rejected.column(SOURCE_REF_COLUMN)
+            if SOURCE_REF_COLUMN in rejected.column_names
+            else pa.nulls(rejected.num_rows, pa.string()),
+        }
+    )
+    return rejected.drop_columns(names), held
 
 
 def forget(run_id: int) -> int:

@@ -206,7 +206,7 @@ def transform_table(
         result = EngineResult(output, pa.table({}), 0, 0)
     else:
         result = compiled.run(table, references=references or None)
-    rejected = result.rejected
+    rejected = runkeys.attach_held(result.rejected, result.rejected_keys)
     if unreadable is not None and unreadable.num_rows:
         errors = unreadable.column("_read_error")
         keep = [c for c in unreadable.column_names if c not in ("_read_error",)]
@@ -255,9 +255,10 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     filtered = int(meta.get(b"dis.filtered", b"0"))
     deduplicated = int(meta.get(b"dis.deduplicated", b"0"))
     output = output.replace_schema_metadata(None)
+    rejected, held = runkeys.detach_held(rejected)
     if scopes:
         started = time.perf_counter()
-        claimed = runkeys.claim(run_id, seq, token, scopes, output, inputs)
+        claimed = runkeys.claim(run_id, seq, token, scopes, output, inputs, held)
         if claimed is None:
             logger.info("chunk_claim_superseded")
             return

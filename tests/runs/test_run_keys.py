@@ -497,3 +497,44 @@ def test_loads_of_a_pipeline_without_keys_never_defer(keyed):
         touched_at=timezone.now(),
     )
     assert not services.loading_elsewhere(run.pk, 1, token(run, 1), "this-task")
+
+
+# --- Rows a later rule rejects still hold their key, as in one pass ---
+
+
+def test_a_kept_row_rejected_later_still_holds_its_key(keyed, pg_sink):
+    """Deduplicate keeps ids 1-4 of chunk 0, then a rule rejects ids 1 and 2. In one
+    pass over all 30 rows keys 1 and 2 have no row left; so too across chunks (ids
+    13 and 14 of chunk 1 do not take their place)."""
+    steps = [
+        KEYED_MAP,
+        DEDUPE,
+        {"type": "validate", "rules": [{"field": "id", "rule": "range", "min": 3}]},
+    ]
+    run, table = keyed(steps)
+    for seq in (0, 1, 2):
+        run_steps(run, seq, E, T, L)
+    tasks.finalize_run(run.pk)
+    run.refresh_from_db()
+    assert sorted(sink_query(pg_sink, f'SELECT id FROM "{table}"')) == [(3,), (4,)]
+    assert sorted(int(d.payload["id"]) for d in run.dead_letters.all()) == [1, 2]
+    assert (run.records_rejected, run.records_deduplicated) == (2, 26)
+
+
+def test_a_first_value_rejected_by_another_rule_still_holds_it(keyed, pg_sink):
+    """In one step, ids 1 and 2 fail the range rule but are the first rows with
+    k = 1 and k = 2: in one pass they make every later row with those values not
+    unique, so across chunks too."""
+    rules = [
+        {"field": "id", "rule": "range", "min": 3},
+        {"field": "k", "rule": "unique"},
+    ]
+    run, table = keyed([KEYED_MAP, {"type": "validate", "rules": rules}])
+    for seq in (0, 1, 2):
+        run_steps(run, seq, E, T, L)
+    tasks.finalize_run(run.pk)
+    run.refresh_from_db()
+    assert sorted(sink_query(pg_sink, f'SELECT id FROM "{table}"')) == [(3,), (4,)]
+    letters = {int(d.payload["id"]): d.error for d in run.dead_letters.all()}
+    assert sorted(letters) == [1, 2, *range(5, 31)]
+    assert letters[13] == "k: '1' is not unique within the run (first at gen#1)"
