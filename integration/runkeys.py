@@ -17,9 +17,10 @@ and key, naming the chunk that holds it). Exactness rests on two rules:
 - **Claim before write.** In one metadata transaction that locks the chunk's row
   and checks its attempt token, the load forgets the keys its chunk claimed before
   (an earlier attempt's), drops or rejects the rows whose key an earlier chunk
-  holds, and inserts the keys of the rows it keeps. A retry after a crash between
-  this claim and the sink commit claims the same keys again; a superseded attempt
-  claims nothing.
+  holds, and inserts the keys of the rows it keeps (and of the rejected rows that
+  held a key in the chunk, as one pass over all rows would count them). A retry
+  after a crash between this claim and the sink commit claims the same keys
+  again; a superseded attempt claims nothing.
 
 So the chunks committed form a prefix of the load order, and the keys stored are
 exactly theirs, plus those of the one chunk loading.
@@ -44,7 +45,7 @@ from django.db import connection, transaction
 from connectors.base import SOURCE_REF_COLUMN
 from integration.choices import CHUNK_IN_FLIGHT, ChunkState, RunState
 from integration.models import ChunkRun, RunKey
-from transforms.engine import KeyScope
+from transforms.engine import EngineError, KeyScope
 
 #: Chunks load from the first to the last (`first`) or the other way (`last`).
 ASCENDING, DESCENDING = "first", "last"
@@ -94,7 +95,7 @@ def signature(compiled: Any) -> list[tuple[str, ...]]:
     the same rows to the same keys."""
     try:
         types = {f.name.lower(): str(f.type) for f in compiled.output_schema}
-    except Exception:  # noqa: BLE001 - no map step: the input's types, unknown here
+    except EngineError:  # no map step: the input's types, not known here
         types = {}
     return [
         (s.name, s.keep, *(f"{c}:{types.get(c.lower(), '?')}" for c in s.key))
