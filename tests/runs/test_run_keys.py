@@ -538,3 +538,15 @@ def test_a_first_value_rejected_by_another_rule_still_holds_it(keyed, pg_sink):
     letters = {int(d.payload["id"]): d.error for d in run.dead_letters.all()}
     assert sorted(letters) == [1, 2, *range(5, 31)]
     assert letters[13] == "k: '1' is not unique within the run (first at gen#1)"
+
+
+def test_admin_lists_which_row_holds_a_key(keyed, client, admin_user_obj):
+    run, _ = keyed([KEYED_MAP, DEDUPE])
+    run_steps(run, 0, E, T, L)
+    client.force_login(admin_user_obj)
+    page = client.get("/admin/integration/runkey/?q=gen%232&scope=deduplicate")
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert "gen#2" in text
+    assert "gen#3" not in text
+    assert client.get("/admin/integration/runkey/?q=x").status_code == 200
