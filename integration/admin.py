@@ -1,4 +1,4 @@
-"""Admin of pipelines, versions, runs, chunk runs and dead letters."""
+"""Admin of pipelines, versions, runs, chunk runs, run keys and dead letters."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from integration.models import (
     Pipeline,
     PipelineVersion,
     Run,
+    RunKey,
     SchemaChange,
     SchemaChangeProposal,
     Workflow,
@@ -219,6 +220,17 @@ class ChunkRunAdmin(ReadOnlyAdmin):
     ]
     list_filter = ["state"]
     search_fields = ["=run__id", "run__pipeline__name"]
+
+
+@admin.register(RunKey)
+class RunKeyAdmin(ReadOnlyAdmin):
+    """Which chunk (and row) holds each deduplicate key and unique value of a run:
+    why a row was dropped or rejected as a duplicate."""
+
+    list_display = ["run", "scope", "key", "seq", "source_ref"]
+    list_filter = ["scope"]
+    search_fields = ["=run__id", "source_ref"]
+    list_select_related = ["run"]
 
 
 @admin.register(DeadLetter)

@@ -24,7 +24,14 @@ from integration.choices import (
     RunState,
     WorkflowRunState,
 )
-from integration.models import ChunkRun, DeadLetter, HeldValues, Run, WorkflowRun
+from integration.models import (
+    ChunkRun,
+    DeadLetter,
+    HeldValues,
+    Run,
+    RunKey,
+    WorkflowRun,
+)
 
 logger = structlog.get_logger(__name__)
 
@@ -116,14 +123,15 @@ def _time_out_runs(now, report: ReconcileReport) -> None:
 class PurgeReport:
     runs: int = 0
     chunk_runs: int = 0
+    run_keys: int = 0
     dead_letters: int = 0
     staged_files: int = 0
     held_values: int = 0
 
 
 def purge(now=None) -> PurgeReport:
-    """Delete what outlived its retention setting (runs, chunk runs, dead letters,
-    decided held drift values)."""
+    """Delete what outlived its retention setting (runs, chunk runs, run keys, dead
+    letters, decided held drift values)."""
     now = now or timezone.now()
     report = PurgeReport()
     report.dead_letters, _ = DeadLetter.objects.filter(
@@ -138,6 +146,16 @@ def purge(now=None) -> PurgeReport:
         )
         .delete()
     )
+    # A run's keys serve a resume only: kept as long as its chunk plan, and not
+    # past the end of a run that cannot be resumed (finalize deletes them then).
+    report.run_keys, _ = RunKey.objects.filter(
+        Q(run__state__in=(RunState.SUCCEEDED, RunState.SUCCEEDED_WITH_ERRORS))
+        | Q(
+            run__state__in=TERMINAL_STATES,
+            run__finished_at__lt=now
+            - timedelta(days=settings.DIS_RETENTION_CHUNK_RUNS_DAYS),
+        )
+    ).delete()
     report.chunk_runs, _ = ChunkRun.objects.filter(
         run__state__in=TERMINAL_STATES,
         run__finished_at__lt=now

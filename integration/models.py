@@ -256,6 +256,8 @@ class Run(models.Model):
     records_written = models.BigIntegerField(default=0)
     records_rejected = models.BigIntegerField(default=0)
     records_filtered = models.BigIntegerField(default=0)
+    #: Rows a deduplicate step dropped (within a chunk and across the run).
+    records_deduplicated = models.BigIntegerField(default=0)
     records_dead_lettered = models.BigIntegerField(default=0)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
@@ -362,6 +364,7 @@ class ChunkRun(models.Model):
     records_written = models.BigIntegerField(default=0)
     records_rejected = models.BigIntegerField(default=0)
     records_filtered = models.BigIntegerField(default=0)
+    records_deduplicated = models.BigIntegerField(default=0)
     #: Engine statistics of the chunk (reference cache hits and misses...).
     stats = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
@@ -427,6 +430,47 @@ class DeadLetter(models.Model):
 
     def __str__(self) -> str:
         return f"dead letter {self.pk} ({self.step}: {self.error[:40]})"
+
+
+class RunKey(models.Model):
+    """A key a run's output holds: which chunk kept it, for exact deduplicate steps
+    and unique rules across the chunks of the run.
+
+    `scope` is the deduplicate step (`deduplicate`) or a unique field
+    (`unique:<field>`); `key` is the engine's MD5 of the key values. The chunk
+    that loads first (in the pipeline's load order) owns a key; a later chunk's
+    row with it is dropped (deduplicate) or rejected (unique). Kept while the run
+    can be resumed; see `integration.runkeys`.
+    """
+
+    # The unique constraint's index (run first) serves lookups by run. No database
+    # constraint: a load inserts tens of thousands of keys and each would queue a
+    # foreign key check; deleting a run deletes its keys (Django's cascade).
+    run = models.ForeignKey(
+        Run,
+        on_delete=models.CASCADE,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
+    scope = models.CharField(max_length=200)
+    key = models.UUIDField()
+    seq = models.PositiveIntegerField(help_text="The chunk that holds the key.")
+    source_ref = models.CharField(
+        max_length=500, blank=True, help_text="The row that holds it."
+    )
+
+    class Meta:
+        ordering = ["run", "scope", "seq"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["run", "scope", "key"], name="runkey_unique_key"
+            )
+        ]
+        indexes = [models.Index(fields=["run", "seq"], name="runkey_run_seq")]
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} {self.scope} {self.key} (chunk {self.seq})"
 
 
 class Workflow(models.Model):

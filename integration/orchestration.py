@@ -54,6 +54,17 @@ def send_chunk(run_id: int, seq: int, token: str, correlation_id: str) -> list[s
     return ids
 
 
+def send_load(
+    run_id: int, seq: int, token: str, correlation_id: str, *, countdown: float
+) -> None:
+    """Send a chunk's load again in `countdown` seconds (after commit): a chunk of
+    a pipeline that loads in order waits its turn this way, not in a busy loop."""
+    sig = signature("integration.load_chunk", args=(run_id, seq, token), immutable=True)
+    transaction.on_commit(
+        lambda: publish(sig, _headers(correlation_id), countdown=countdown)
+    )
+
+
 def revoke(task_ids: list[str]) -> None:
     """Revoke queued tasks after commit (best effort: their tasks also find their
     chunk stopped and return without work)."""

@@ -81,11 +81,11 @@ def validate_definition(pipeline: Pipeline) -> None:
         errors["steps"] = str(exc)
     else:
         try:
-            if compiled.dedupe_key_column or compiled.unique_columns:
-                errors["steps"] = (
-                    "deduplicate steps and unique rules are exact only across a "
-                    "whole run, which runs do not support yet"
-                )
+            from integration import runkeys
+
+            key_error = runkeys.definition_error(compiled)
+            if key_error:
+                errors["steps"] = key_error
             reference_errors = _check_references(pipeline, compiled.references)
             if reference_errors:
                 errors["references"] = reference_errors
@@ -328,19 +328,31 @@ def _plan_chunks(run: Run) -> None:
     logger.info("run_planned", run_id=run.pk, chunks=len(chunks))
 
 
+def _loads_descending(run_id: int) -> bool:
+    """Whether the run's chunks load last to first (a deduplicate keeping the last
+    row): they are then dispatched in that order too."""
+    from integration import runkeys, runtime
+
+    version_id = Run.objects.values_list("version_id", flat=True).get(pk=run_id)
+    scopes = runtime.compiled_version(version_id).key_scopes
+    return runkeys.load_order(scopes) == runkeys.DESCENDING
+
+
 def dispatch_chunks(run_id: int, limit: int, correlation_id: str) -> int:
-    """Claim up to `limit` pending chunks (lowest seq first) and send their chains.
+    """Claim up to `limit` pending chunks (lowest seq first; highest first when the
+    run loads last to first) and send their chains.
 
     Each claim is a conditional UPDATE that issues a fresh attempt token, so a
     chunk is sent once even when two finishing chunks race to refill the window.
     """
     sent = 0
+    first = "-seq" if _loads_descending(run_id) else "seq"
     while sent < limit:
         if not Run.objects.filter(pk=run_id, state=RunState.RUNNING).exists():
             break
         candidate = (
             ChunkRun.objects.filter(run_id=run_id, state=ChunkState.PENDING)
-            .order_by("seq")
+            .order_by(first)
             .values_list("seq", flat=True)
             .first()
         )
@@ -491,6 +503,29 @@ def _owner_gone(owner: str, touched_at: Any, now: Any) -> bool:
     if touched_at is None:
         return True
     return (now - touched_at).total_seconds() > settings.CELERY_TASK_TIME_LIMIT
+
+
+def loading_elsewhere(run_id: int, seq: int, token: str, task_id: str) -> bool:
+    """Is another live task loading this attempt's chunk right now, in a pipeline
+    whose chunks load in order? A load sent to wake a waiting chunk and the chunk's
+    own later check may both arrive: the second then leaves the work to the first
+    (were the first's worker to die, its message comes back)."""
+    from integration import runkeys, runtime
+
+    chunk = (
+        ChunkRun.objects.filter(
+            run_id=run_id, seq=seq, attempt_token=token, step="load", step_open=True
+        )
+        .exclude(step_task_id__in=("", task_id))
+        .select_related("run")
+        .first()
+    )
+    if chunk is None:
+        return False
+    scopes = runtime.compiled_version(chunk.run.version_id).key_scopes
+    if runkeys.load_order(scopes) is None:
+        return False
+    return not _owner_gone(chunk.step_owner, chunk.touched_at, timezone.now())
 
 
 def end_step(run_id: int, seq: int, token: str) -> None:
@@ -644,6 +679,7 @@ class ChunkCounts:
     written: int
     rejected: int
     filtered: int
+    deduplicated: int = 0
 
 
 def dead_letters_from(
@@ -745,6 +781,7 @@ def complete_chunk(
             records_written=counts.written,
             records_rejected=counts.rejected,
             records_filtered=counts.filtered,
+            records_deduplicated=counts.deduplicated,
             partial=partial,
         )
         if not updated:
@@ -764,6 +801,7 @@ def complete_chunk(
             records_written=F("records_written") + counts.written,
             records_rejected=F("records_rejected") + counts.rejected,
             records_filtered=F("records_filtered") + counts.filtered,
+            records_deduplicated=F("records_deduplicated") + counts.deduplicated,
             records_dead_lettered=F("records_dead_lettered") + len(letters),
         )
         run.refresh_from_db()
@@ -789,6 +827,11 @@ def complete_chunk(
             orchestration.send_finalize(run_id, run.correlation_id)
         else:
             dispatch_chunks(run_id, 1, run.correlation_id)
+    # After the commit: the next chunk's load either sees this one done or is seen
+    # waiting here.
+    from integration import runkeys
+
+    runkeys.wake_next(attempt.version_id, run_id, seq, attempt.correlation_id)
     return True
 
 
@@ -1000,6 +1043,14 @@ def resume_run(run_id: int, *, use_current_version: bool = False) -> Run:
                     f"version {version.number} reads the source differently "
                     f"({key} changed): the stored chunk plan does not fit it"
                 )
+        from integration import runkeys
+
+        keys_error = runkeys.resume_error(
+            runtime.compiled_version(run.version_id),
+            runtime.compiled_version(version.pk),
+        )
+        if keys_error:
+            raise ResumeRefusedError(f"version {version.number}: {keys_error}")
     spec = version.spec["source"]
     source = runtime.open_source(spec["connector"])
     try:
@@ -1096,6 +1147,11 @@ def finalize_run(run_id: int) -> None:
             promote_next(run.pipeline_id)
             run.refresh_from_db()
             run_ended(run)
+    if updated and state != RunState.FAILED:
+        # Only a failed or cancelled run can be resumed: nothing needs the keys.
+        from integration import runkeys
+
+        runkeys.forget(run_id)
     if updated:
         run.refresh_from_db()
         logger.info(

@@ -6,6 +6,9 @@ finished, or owned by a newer attempt.
 
 from __future__ import annotations
 
+import random
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -19,7 +22,8 @@ from connectors.exceptions import (
     TerminalError,
     TransientError,
 )
-from integration import drift, runtime, services, staging
+from integration import drift, orchestration, runkeys, runtime, services, staging
+from integration.choices import RunState
 from transforms.engine import EngineError, EngineResult
 
 logger = structlog.get_logger(__name__)
@@ -138,28 +142,50 @@ def transform_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
             attempt.version_spec, needed
         )
         services.record_chunk_stats(run_id, seq, token, {"references": ref_stats})
-    output, rejected, filtered = transform_table(
-        attempt.version_id, table, references=references
-    )
+    done = transform_table(attempt.version_id, table, references=references)
     meta = {
         b"dis.rows_in": str(table.num_rows).encode(),
-        b"dis.filtered": str(filtered).encode(),
+        b"dis.filtered": str(done.filtered).encode(),
+        b"dis.deduplicated": str(done.deduplicated).encode(),
     }
-    stage.put(_key(attempt, "output"), output.replace_schema_metadata(meta))
-    stage.put(_key(attempt, "rejected"), rejected)
+    stage.put(_key(attempt, "output"), done.output.replace_schema_metadata(meta))
+    stage.put(_key(attempt, "rejected"), done.rejected)
+    if done.inputs is not None:
+        stage.put(_key(attempt, "inputs"), done.inputs)
     stage.delete(_key(attempt, "extract"))
     logger.info(
         "chunk_transformed",
         rows_in=table.num_rows,
-        rows_out=output.num_rows,
-        rejected=rejected.num_rows,
-        filtered=filtered,
+        rows_out=done.output.num_rows,
+        rejected=done.rejected.num_rows,
+        filtered=done.filtered,
+        deduplicated=done.deduplicated,
     )
+
+
+@dataclass
+class Transformed:
+    """What the engine made of a chunk.
+
+    Attributes:
+        output: the rows to load (with the key hash columns of run-wide keys).
+        rejected: the rejected input rows with `_error` and `_step`.
+        filtered: rows filter steps dropped.
+        deduplicated: rows a deduplicate step dropped within the chunk.
+        inputs: with unique rules, the input rows of `output` (aligned with it),
+            for the dead letters of values an earlier chunk holds; else None.
+    """
+
+    output: pa.Table
+    rejected: pa.Table
+    filtered: int
+    deduplicated: int = 0
+    inputs: pa.Table | None = None
 
 
 def transform_table(
     version_id: int, table: pa.Table, *, references: dict[str, pa.Table] | None = None
-) -> tuple[pa.Table, pa.Table, int]:
+) -> Transformed:
     """Run the compiled version over a chunk; rows the reader flagged are rejected."""
     compiled = runtime.compiled_version(version_id)
     table, drifted = drift.split_rejected(table)
@@ -183,10 +209,12 @@ def transform_table(
         output = schema.empty_table().append_column(
             "_source_ref", pa.array([], pa.string())
         )
+        for scope in compiled.key_scopes:
+            output = output.append_column(scope.column, pa.array([], pa.string()))
         result = EngineResult(output, pa.table({}), 0, 0)
     else:
         result = compiled.run(table, references=references or None)
-    rejected = result.rejected
+    rejected = runkeys.attach_held(result.rejected, result.rejected_keys)
     if unreadable is not None and unreadable.num_rows:
         errors = unreadable.column("_read_error")
         keep = [c for c in unreadable.column_names if c not in ("_read_error",)]
@@ -197,34 +225,74 @@ def transform_table(
         rejected = pa.concat_tables([rejected, extra], promote_options="permissive")
     if drifted is not None and drifted.num_rows:
         rejected = pa.concat_tables([rejected, drifted], promote_options="permissive")
-    return result.output, rejected, result.filtered
+    inputs = None
+    if any(scope.kind == "unique" for scope in compiled.key_scopes):
+        inputs = runkeys.aligned_inputs(table, result.output)
+    return Transformed(
+        result.output, rejected, result.filtered, result.deduplicated, inputs
+    )
 
 
 @shared_task(
     name="integration.load_chunk", base=RunTask, bind=True, **_RETRY, **_LIMITS
 )
 def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
+    if services.loading_elsewhere(run_id, seq, token, self.request.id or ""):
+        return
     attempt = services.begin_attempt(
         run_id, seq, token, step="load", task_id=self.request.id or ""
     )
     if attempt is None:
         return
+    compiled = runtime.compiled_version(attempt.version_id)
+    scopes = compiled.key_scopes
+    if scopes and not _my_turn(attempt, runkeys.load_order(scopes)):
+        return
     stage = staging.stage()
-    keys = (_key(attempt, "output"), _key(attempt, "rejected"))
+    keys = [_key(attempt, "output"), _key(attempt, "rejected")]
     output, rejected = stage.get(keys[0]), stage.get(keys[1])
+    inputs = None
+    if any(scope.kind == "unique" for scope in scopes):
+        keys.append(_key(attempt, "inputs"))
+        inputs = stage.get(keys[2])
+        if inputs is None:
+            output = None
     if output is None or rejected is None:
         services.restart_chunk(run_id, seq, token, "transformed batch missing")
         return
     meta = output.schema.metadata or {}
     rows_in = int(meta.get(b"dis.rows_in", b"0"))
+    filtered = int(meta.get(b"dis.filtered", b"0"))
+    deduplicated = int(meta.get(b"dis.deduplicated", b"0"))
+    output = output.replace_schema_metadata(None)
+    rejected, held = runkeys.detach_held(rejected)
+    if scopes:
+        started = time.perf_counter()
+        claimed = runkeys.claim(run_id, seq, token, scopes, output, inputs, held)
+        if claimed is None:
+            logger.info("chunk_claim_superseded")
+            return
+        logger.info(
+            "chunk_keys_claimed",
+            rows=output.num_rows,
+            kept=claimed.output.num_rows,
+            deduplicated=claimed.deduplicated,
+            rejected=claimed.rejected.num_rows,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        output = claimed.output
+        deduplicated += claimed.deduplicated
+        if claimed.rejected.num_rows:
+            rejected = pa.concat_tables(
+                [rejected, claimed.rejected], promote_options="permissive"
+            )
     if not services.admit_chunk(attempt, read=rows_in, rejected=rejected):
         stage.delete(*keys)
         return
-    filtered = int(meta.get(b"dis.filtered", b"0"))
-    if runtime.compiled_version(attempt.version_id).is_aggregate:
+    if compiled.is_aggregate:
         # Partial aggregates wait in the database; finalize merges and writes them.
         counts = services.ChunkCounts(rows_in, 0, rejected.num_rows, filtered)
-        partial = staging.to_ipc(output.replace_schema_metadata(None))
+        partial = staging.to_ipc(output)
         services.complete_chunk(attempt, counts, rejected, partial=partial)
         stage.delete(*keys)
         return
@@ -241,7 +309,7 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
             )
         result = sink.write(
             attempt.sink_options,
-            output.replace_schema_metadata(None),
+            output,
             run_id=run_id,
             chunk_seq=seq,
             fence=lambda: services.token_is_current(run_id, seq, token),
@@ -256,9 +324,43 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
         written=result.rows_written,
         rejected=rejected.num_rows,
         filtered=filtered,
+        deduplicated=deduplicated,
     )
     services.complete_chunk(attempt, counts, rejected)
     stage.delete(*keys)
+
+
+def _my_turn(attempt: services.Attempt, order: str | None) -> bool:
+    """Whether the chunk may load now, in a pipeline whose chunks load in order.
+
+    Not yet: the load returns; the chunk before it sends it again once committed,
+    and so does a delayed message (a safety net), a new one so the wait uses no
+    retry of the task's budget. Never (a chunk before it was skipped or
+    quarantined): the run stops, to be resumed once that chunk can run.
+    """
+    if order is None:
+        return True
+    turn = runkeys.turn(attempt.run_id, attempt.seq, order)
+    if turn.go:
+        return True
+    if turn.blocked_by is not None:
+        blocker, state = turn.blocked_by
+        services.stop_run(
+            attempt.run_id,
+            RunState.FAILED,
+            f"chunk {blocker} is {state}: with a deduplicate step or unique rules "
+            f"the chunks load in order, so chunk {attempt.seq} and the ones after "
+            "it cannot load before it. Fix the cause and resume the run.",
+        )
+        return False
+    orchestration.send_load(
+        attempt.run_id,
+        attempt.seq,
+        attempt.token,
+        attempt.correlation_id,
+        countdown=settings.DIS_LOAD_TURN_POLL_SECONDS * random.uniform(0.8, 1.2),  # noqa: S311
+    )
+    return False
 
 
 @shared_task(

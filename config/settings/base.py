@@ -265,6 +265,10 @@ DIS_DEFAULT_CHUNK_ROWS = env.int("DIS_DEFAULT_CHUNK_ROWS", default=50_000)
 DIS_DEFAULT_WINDOW = env.int("DIS_DEFAULT_WINDOW", default=4)
 #: A chunk whose task killed its worker this many times is quarantined.
 DIS_MAX_CHUNK_CRASHES = env.int("DIS_MAX_CHUNK_CRASHES", default=3)
+#: A chunk of a pipeline whose chunks load in order (deduplicate, unique rules) is
+#: woken when the chunk before it commits; it also checks this often whether its
+#: turn to load has come (a safety net for a lost wake-up message).
+DIS_LOAD_TURN_POLL_SECONDS = env.float("DIS_LOAD_TURN_POLL_SECONDS", default=5.0)
 #: The reconciler resends a chunk (or plan, or finalize) quiet for this long: above
 #: the hard time limit, so a live attempt is never taken for a lost one.
 DIS_RECONCILE_STALE_SECONDS = env.int(

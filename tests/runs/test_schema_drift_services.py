@@ -271,10 +271,8 @@ def test_a_pass_through_chunk_with_only_unreadable_rows_rejects_them(make):
             "_raw": ["1"],
         }
     )
-    output, rejected, filtered = tasks.transform_table(
-        pipeline.current_version_id, table
-    )
-    assert output.schema.names == ["id", "_source_ref"]
-    assert output.num_rows == 0
-    assert rejected.column("_step").to_pylist() == ["read"]
-    assert filtered == 0
+    done = tasks.transform_table(pipeline.current_version_id, table)
+    assert done.output.schema.names == ["id", "_source_ref"]
+    assert done.output.num_rows == 0
+    assert done.rejected.column("_step").to_pylist() == ["read"]
+    assert done.filtered == 0

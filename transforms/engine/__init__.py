@@ -14,12 +14,14 @@ from transforms.engine.compiler import (
 )
 from transforms.engine.exceptions import EngineError, InputSchemaError, StepConfigError
 from transforms.engine.expressions import expression_columns
+from transforms.engine.steps import KeyScope
 
 __all__ = [
     "CompiledPipeline",
     "EngineError",
     "EngineResult",
     "InputSchemaError",
+    "KeyScope",
     "StepConfigError",
     "compile_steps",
     "expression_columns",

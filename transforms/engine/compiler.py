@@ -55,10 +55,12 @@ from transforms.engine.steps import (
     AggregateStep,
     DeduplicateStep,
     EnrichStep,
+    KeyScope,
     MapStep,
     MaskStep,
     Step,
     ValidateStep,
+    key_scopes,
     parse_steps,
     reference_columns,
 )
@@ -99,6 +101,13 @@ class EngineResult:
         deduplicated: rows a deduplicate step dropped as duplicates within the
             batch (of kept rows that reached the end: the duplicates of a row
             a later filter drops count as filtered).
+        rejected_keys: aligned with ``rejected``, the key hash columns of the
+            run-wide keys (``key_scopes``) for the rejected rows that hold a
+            key in the batch although a later step (or another rule of the
+            same step) rejected them: the row a deduplicate step kept, the
+            first occurrence of a unique value. NULL for the others. A run
+            records them too, so the result does not depend on the chunking.
+            None without key scopes.
     """
 
     output: pa.Table
@@ -106,6 +115,7 @@ class EngineResult:
     filtered: int
     rows_in: int
     deduplicated: int = 0
+    rejected_keys: pa.Table | None = None
 
 
 @dataclass(frozen=True)
@@ -268,6 +278,13 @@ class CompiledPipeline:
         return found
 
     @property
+    def key_scopes(self) -> list[KeyScope]:
+        """The keys to keep exact across the batches of a run, in step order:
+        the deduplicate step's and each unique field's (see ``KeyScope``);
+        empty for an aggregate pipeline."""
+        return key_scopes(self.steps)
+
+    @property
     def final_schema(self) -> pa.Schema:
         """The schema of the pipeline's result: for an aggregate pipeline, of
         ``merge_partials``'s output (group keys, then one column per
@@ -393,6 +410,7 @@ class CompiledPipeline:
         if bad.num_rows and pc.any(pc.is_valid(bad.column(RAISED))).as_py():
             bad = self._diagnose_raised(table.schema, bad, work)
         filtered = rows_in - result.num_rows - len(failures) - deduplicated
+        checked = good
         if plan.json_checks:
             good, invalid = self._check_json(plan, good)
             failures = [*failures, *invalid]
@@ -408,12 +426,16 @@ class CompiledPipeline:
                 output = output.append_column(
                     pa.field(name, pa.string()), good.column(hidden)
                 )
+        rejected_keys = None
+        if plan.exposed and self._aggregate is None:
+            rejected_keys = _rejected_keys(plan.exposed, bad, checked, failures)
         return EngineResult(
             output=output,
             rejected=_rejected(table, bad, failures),
             filtered=filtered,
             rows_in=rows_in,
             deduplicated=deduplicated,
+            rejected_keys=rejected_keys,
         )
 
     def close(self) -> None:
@@ -779,6 +801,35 @@ def _rejected(table: pa.Table, bad: pa.Table, failures: list[_Failure]) -> pa.Ta
         table.take(rids)
         .append_column(pa.field(ERROR_COLUMN, pa.string()), errors)
         .append_column(pa.field(STEP_COLUMN, pa.string()), steps)
+    )
+
+
+def _rejected_keys(
+    exposed: Sequence[tuple[str, str]],
+    bad: pa.Table,
+    checked: pa.Table,
+    failures: list[_Failure],
+) -> pa.Table:
+    """The exposed key hashes of the rejected rows, in ``_rejected``'s order: from
+    the query for rows it rejected, from the rows it kept for those a json_schema
+    rule rejected after it, NULL for rows isolated by bisection."""
+    rids = bad.column(RID).combine_chunks()
+    columns = {name: bad.column(hidden).combine_chunks() for hidden, name in exposed}
+    if failures:
+        kept = {rid: n for n, rid in enumerate(checked.column(RID).to_pylist())}
+        rows = [kept.get(f.rid) for f in failures]
+        rids = pa.concat_arrays([rids, pa.array([f.rid for f in failures], pa.int64())])
+        for hidden, name in exposed:
+            extra = (
+                checked.column(hidden).combine_chunks().take(pa.array(rows, pa.int64()))
+            )
+            columns[name] = pa.concat_arrays(
+                [columns[name].cast(pa.string()), extra.cast(pa.string())]
+            )
+        order = pc.sort_indices(rids)
+        columns = {name: values.take(order) for name, values in columns.items()}
+    return pa.table(
+        {name: values.cast(pa.string()) for name, values in columns.items()}
     )
 
 

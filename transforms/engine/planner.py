@@ -681,9 +681,13 @@ class PlanBuilder:
             if rule.kind == "unique" and column is not None:
                 name = f"{INTERNAL_PREFIX}_unique_{step.index}_{len(hidden)}"
                 f = quote_ident(column)
+                # The value's hash for the row that holds it in the batch: its
+                # first occurrence among the rows not in error before the step
+                # (it may still fail another rule); NULL for the others.
                 hidden.append(
                     (
-                        f"CASE WHEN {f} IS NOT NULL THEN "
+                        f"CASE WHEN {f} IS NOT NULL AND {ERR} IS NULL "
+                        f"AND {scratch[id(rule)]} = 1 THEN "
                         f"{stable_hash([(f, column_types[column])])} END",
                         name,
                     )
@@ -949,7 +953,8 @@ class PlanBuilder:
                 f"SELECT *, row_number() OVER ({window} ORDER BY {RID} {order}) "
                 f"AS {rank}, CASE WHEN {ERR} IS NULL THEN count(*) OVER ({window}) "
                 f"- 1 ELSE 0 END AS {INTERNAL_PREFIX}_dropped, "
-                f"{stable_hash(parts)} AS {DEDUPE_KEY} FROM {prev}",
+                f"CASE WHEN {ERR} IS NULL THEN {stable_hash(parts)} END "
+                f"AS {DEDUPE_KEY} FROM {prev}",
             )
         )
         dupes = f"{INTERNAL_PREFIX}_dropped"

@@ -229,6 +229,67 @@ class DeduplicateStep:
     kind: str = "deduplicate"
 
 
+@dataclass(frozen=True)
+class KeyScope:
+    """A key the caller keeps exact across the batches of a run.
+
+    A deduplicate step (one row per key survives the run) or the unique rules
+    of one field (later occurrences are rejected). The output carries each
+    row's key hash in ``column``; the caller records the hashes per run under
+    ``name`` and drops or rejects the rows whose key an earlier batch (in
+    ``keep`` order) already holds.
+
+    Attributes:
+        name: the scope's stable name: ``deduplicate`` or ``unique:<field>``.
+        kind: ``deduplicate`` or ``unique``.
+        column: the output column of the key hash (NULL: the row takes no part).
+        keep: ``first`` or ``last``: which occurrence by source position stays.
+        key: the key's columns (for unique, the field).
+        step: the index of the step that defines it.
+    """
+
+    name: str
+    kind: str
+    column: str
+    keep: str
+    key: tuple[str, ...]
+    step: int
+
+
+def key_scopes(steps: Sequence[Step]) -> list[KeyScope]:
+    """The run-wide keys of a step list, in step order (none when it ends in
+    an aggregate: its rows never reach a sink one by one)."""
+    if steps and isinstance(steps[-1], AggregateStep):
+        return []
+    scopes: dict[str, KeyScope] = {}
+    for step in steps:
+        if isinstance(step, DeduplicateStep):
+            scopes["deduplicate"] = KeyScope(
+                name="deduplicate",
+                kind="deduplicate",
+                column=DEDUPE_KEY_COLUMN,
+                keep=step.keep,
+                key=step.key,
+                step=step.index,
+            )
+        elif isinstance(step, ValidateStep):
+            for rule in step.rules:
+                if rule.kind == "unique" and rule.field:
+                    name = f"unique:{rule.field}"
+                    scopes.setdefault(
+                        name,
+                        KeyScope(
+                            name=name,
+                            kind="unique",
+                            column=f"{UNIQUE_PREFIX}{rule.field}",
+                            keep="first",
+                            key=(rule.field,),
+                            step=step.index,
+                        ),
+                    )
+    return list(scopes.values())
+
+
 Step = (
     MapStep
     | FilterStep
