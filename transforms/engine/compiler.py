@@ -70,6 +70,9 @@ ROW_ERRORS: tuple[type[Exception], ...] = (
     duckdb.DataError,
     duckdb.InvalidInputException,
     duckdb.NotImplementedException,
+    # DuckDB quotes the offending value in its message, cut to a byte length:
+    # a cut inside a multi-byte character makes the binding raise this instead.
+    UnicodeDecodeError,
 )
 # Rows of one batch whose DuckDB error message is looked up one by one; the
 # rest say RAISED_MARK.
@@ -674,6 +677,9 @@ class CompiledPipeline:
                     self.con.sql(query).fetchall()
                 except duckdb.Error as error:
                     return probe.step.kind, f"{probe.label}: {first_line(error)}"
+                except UnicodeDecodeError:
+                    # DuckDB's message cut a character of the value in two.
+                    return probe.step.kind, f"{probe.label}: {RAISED_MARK}"
         finally:
             self.con.unregister(BATCH_VIEW)
         return (probes[0].step.kind if probes else "map"), None
