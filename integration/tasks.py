@@ -155,10 +155,19 @@ def transform_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
 
 
 def transform_table(
-    version_id: int, table: pa.Table, *, references: dict[str, pa.Table] | None = None
+    version_id: int | None,
+    table: pa.Table,
+    *,
+    references: dict[str, pa.Table] | None = None,
+    compiled: Any = None,
 ) -> tuple[pa.Table, pa.Table, int]:
-    """Run the compiled version over a chunk; rows the reader flagged are rejected."""
-    compiled = runtime.compiled_version(version_id)
+    """Run the compiled version over a chunk; rows the reader flagged are rejected.
+
+    ``compiled`` replaces the version's cached compiled pipeline (a preview runs
+    its own, with the same settings).
+    """
+    if compiled is None:
+        compiled = runtime.compiled_version(version_id)
     unreadable = None
     if "_read_error" in table.column_names:
         import pyarrow.compute as pc

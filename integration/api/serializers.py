@@ -15,6 +15,8 @@ from connectors.ssrf import check_url
 from integration import services
 from integration.choices import WriteMode
 from integration.models import DeadLetter, Pipeline, PipelineVersion, Run
+from transforms.choices import PreviewValues
+from transforms.services import MAX_PREVIEW_RECORDS
 
 
 class PipelineVersionSerializer(serializers.ModelSerializer):
@@ -342,3 +344,62 @@ class DiscardOneSerializer(serializers.Serializer):
 
 class CountSerializer(serializers.Serializer):
     count = serializers.IntegerField()
+
+
+class PipelinePreviewRequestSerializer(serializers.Serializer):
+    """Sample records for a pipeline preview: in the body, or read from the
+    pipeline's own source."""
+
+    records = serializers.ListField(
+        child=serializers.DictField(),
+        required=False,
+        max_length=MAX_PREVIEW_RECORDS,
+        help_text="JSON objects; each gets `_source_ref` = `preview#<index>`. "
+        "Leave out to sample the first `limit` records of the pipeline's source.",
+    )
+    values = serializers.ChoiceField(
+        choices=PreviewValues.choices,
+        default=PreviewValues.TEXT,
+        help_text="`text`: values become strings as a CSV source reads them "
+        "(the default); `typed`: Arrow types inferred from the JSON values.",
+    )
+    version = serializers.IntegerField(
+        required=False, min_value=1, help_text="Version number (default: current)."
+    )
+    limit = serializers.IntegerField(
+        required=False,
+        default=20,
+        min_value=1,
+        max_value=MAX_PREVIEW_RECORDS,
+        help_text="Records to sample from the source (without `records`).",
+    )
+
+
+class PreviewColumnSerializer(serializers.Serializer):
+    """An output column and its Arrow type."""
+
+    name = serializers.CharField()
+    type = serializers.CharField(help_text="Arrow type, e.g. `decimal128(12, 2)`.")
+
+
+class PipelinePreviewErrorSerializer(serializers.Serializer):
+    """A sample record the pipeline rejected, as a run would dead-letter it."""
+
+    index = serializers.IntegerField(allow_null=True)
+    source_ref = serializers.CharField()
+    error = serializers.CharField()
+    step = serializers.CharField()
+
+
+class PipelinePreviewSerializer(serializers.Serializer):
+    """What the pipeline's steps made of the sample; nothing was written."""
+
+    version = serializers.IntegerField(allow_null=True)
+    rows_in = serializers.IntegerField()
+    filtered = serializers.IntegerField()
+    schema = PreviewColumnSerializer(many=True)
+    outputs = serializers.ListField(child=serializers.DictField())
+    errors = PipelinePreviewErrorSerializer(many=True)
+    column_lineage = serializers.DictField(
+        child=serializers.ListField(child=serializers.CharField())
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 
 import orjson
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -22,6 +23,8 @@ from integration.api.serializers import (
     DeadLetterSerializer,
     DiscardOneSerializer,
     DiscardSerializer,
+    PipelinePreviewRequestSerializer,
+    PipelinePreviewSerializer,
     PipelineSerializer,
     ReplaySerializer,
     ResumeRunSerializer,
@@ -36,6 +39,7 @@ from integration.exceptions import (
     ResumeRefusedError,
 )
 from integration.models import DeadLetter, Pipeline, Run
+from transforms.exceptions import PreviewError
 
 CONFLICT = OpenApiResponse(description="Refused: the reason is in `detail`.")
 
@@ -116,6 +120,35 @@ class PipelineViewSet(viewsets.ModelViewSet):
         except DjangoValidationError as exc:
             raise ValidationError(exc.message_dict) from None
         return Response(RunSerializer(run).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        request=PipelinePreviewRequestSerializer,
+        responses={200: PipelinePreviewSerializer},
+    )
+    @action(detail=True, methods=["post"])
+    def preview(self, request: Request, pk: str | None = None) -> Response:
+        """Run the pipeline's steps (current or given version) over sample records,
+        exactly as a run transforms a chunk; writes nothing.
+
+        The records come in the body, or are the first `limit` records of the
+        pipeline's source.
+        """
+        pipeline = self.get_object()
+        body = PipelinePreviewRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        try:
+            result = services.preview_pipeline(
+                pipeline.pk,
+                records=data.get("records"),
+                values=data["values"],
+                limit=data["limit"],
+                version=data.get("version"),
+            )
+        except PreviewError as exc:
+            field = "source" if exc.field in ("connector", "options") else exc.field
+            raise ValidationError({field: [str(exc)]}) from None
+        return Response(asdict(result))
 
 
 class RunViewSet(viewsets.ReadOnlyModelViewSet):
