@@ -552,6 +552,83 @@ def run_stats(run: Run) -> dict[str, Any]:
     return {"references": refs}
 
 
+#: Source references kept per rule as samples in the data-quality report.
+QUALITY_SAMPLES = 10
+
+
+def chunk_quality(violations: pa.Table, rejected: pa.Table) -> dict[str, Any]:
+    """A chunk's data-quality figures, kept in its stats.
+
+    Args:
+        violations: the engine's rule violations (``rule``, ``_source_ref``).
+        rejected: the rejected rows (with ``_step``).
+
+    Returns:
+        ``rules``: rule path -> ``violations`` and up to ``QUALITY_SAMPLES``
+        ``samples`` (source references, in source order); ``rejected_by_step``:
+        step -> rejected rows.
+    """
+    rules: dict[str, dict[str, Any]] = {}
+    for rule, ref in zip(
+        violations.column("rule").to_pylist(),
+        violations.column(SOURCE_REF_COLUMN).to_pylist(),
+        strict=True,
+    ):
+        entry = rules.setdefault(rule, {"violations": 0, "samples": []})
+        entry["violations"] += 1
+        if len(entry["samples"]) < QUALITY_SAMPLES:
+            entry["samples"].append(ref)
+    by_step: dict[str, int] = {}
+    if rejected.num_rows and "_step" in rejected.column_names:
+        for step in rejected.column("_step").to_pylist():
+            by_step[step or "unknown"] = by_step.get(step or "unknown", 0) + 1
+    return {"rules": rules, "rejected_by_step": by_step}
+
+
+def quality_report(run: Run) -> dict[str, Any]:
+    """A run's data-quality report, from its committed chunks.
+
+    Every validate rule of the run's version is listed (in step order) with its
+    violations and up to ``QUALITY_SAMPLES`` sample source references (the
+    first, in chunk order); a rule counts every rejected row it fails, also
+    when another rule or step rejected the row too.
+    """
+    from transforms.engine.compiler import rule_index
+    from transforms.engine.steps import parse_steps
+
+    try:
+        known = rule_index(parse_steps(run.version.spec["steps"]))
+    except Exception:  # noqa: BLE001 - an old version that no longer parses
+        known = {}
+    rules = {
+        path: {**meta, "rule": path, "violations": 0, "samples": []}
+        for path, meta in known.items()
+    }
+    by_step: dict[str, int] = {}
+    chunks = run.chunks.filter(state=ChunkState.DONE).order_by("seq")
+    for stats in chunks.values_list("stats", flat=True):
+        quality = (stats or {}).get("quality") or {}
+        for path, figures in quality.get("rules", {}).items():
+            entry = rules.setdefault(
+                path,
+                {"step": None, "field": "", "kind": "", "rule": path},
+            )
+            entry.setdefault("violations", 0)
+            entry.setdefault("samples", [])
+            entry["violations"] += figures["violations"]
+            room = QUALITY_SAMPLES - len(entry["samples"])
+            entry["samples"].extend(figures["samples"][: max(room, 0)])
+        for step, count in quality.get("rejected_by_step", {}).items():
+            by_step[step] = by_step.get(step, 0) + count
+    return {
+        "run": run.pk,
+        "records_read": run.records_read,
+        "records_rejected": run.records_rejected,
+        "rules": list(rules.values()),
+        "rejected_by_step": by_step,
+    }
+
+
 def token_is_current(run_id: int, seq: int, token: str) -> bool:
     """The sink's fence: is this attempt still the owner of the chunk?"""
     return ChunkRun.objects.filter(
@@ -1437,7 +1514,7 @@ def preview_pipeline(
             references, _ = reference_cache.for_version(
                 spec, compiled.references, read_only=True
             )
-        output, rejected, filtered = transform_table(
+        output, rejected, filtered, _ = transform_table(
             None, table, references=references, compiled=compiled
         )
         if compiled.is_aggregate:

@@ -126,18 +126,21 @@ def transform_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     if table is None:
         services.restart_chunk(run_id, seq, token, "extracted batch missing")
         return
-    references, ref_stats = {}, {}
+    references, stats = {}, {}
     needed = runtime.compiled_version(attempt.version_id).references
     if needed:
         from integration import references as reference_cache
 
-        references, ref_stats = reference_cache.for_version(
+        references, stats["references"] = reference_cache.for_version(
             attempt.version_spec, needed
         )
-        services.record_chunk_stats(run_id, seq, token, {"references": ref_stats})
-    output, rejected, filtered = transform_table(
+    output, rejected, filtered, violations = transform_table(
         attempt.version_id, table, references=references
     )
+    if rejected.num_rows:
+        stats["quality"] = services.chunk_quality(violations, rejected)
+    if stats:
+        services.record_chunk_stats(run_id, seq, token, stats)
     meta = {
         b"dis.rows_in": str(table.num_rows).encode(),
         b"dis.filtered": str(filtered).encode(),
@@ -160,11 +163,15 @@ def transform_table(
     *,
     references: dict[str, pa.Table] | None = None,
     compiled: Any = None,
-) -> tuple[pa.Table, pa.Table, int]:
+) -> tuple[pa.Table, pa.Table, int, pa.Table]:
     """Run the compiled version over a chunk; rows the reader flagged are rejected.
 
     ``compiled`` replaces the version's cached compiled pipeline (a preview runs
     its own, with the same settings).
+
+    Returns:
+        The output, the rejected rows, the filtered count and the rule
+        violations (``EngineResult.violations``).
     """
     if compiled is None:
         compiled = runtime.compiled_version(version_id)
@@ -196,7 +203,7 @@ def transform_table(
             "_step", pa.array(["read"] * unreadable.num_rows, pa.string())
         )
         rejected = pa.concat_tables([rejected, extra], promote_options="permissive")
-    return result.output, rejected, result.filtered
+    return result.output, rejected, result.filtered, result.violations
 
 
 @shared_task(

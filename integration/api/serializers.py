@@ -403,3 +403,30 @@ class PipelinePreviewSerializer(serializers.Serializer):
     column_lineage = serializers.DictField(
         child=serializers.ListField(child=serializers.CharField())
     )
+
+
+class RuleQualitySerializer(serializers.Serializer):
+    """One validate rule's violations in a run."""
+
+    rule = serializers.CharField(help_text="The rule's path: `steps[2].rules[0] (f)`.")
+    step = serializers.IntegerField(allow_null=True, help_text="The step's index.")
+    field = serializers.CharField(allow_blank=True)
+    kind = serializers.CharField(allow_blank=True, help_text="not_null, range, ...")
+    violations = serializers.IntegerField(help_text="Rejected rows failing the rule.")
+    samples = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="Up to 10 source references of violating rows, in source order.",
+    )
+
+
+class QualityReportSerializer(serializers.Serializer):
+    """A run's data-quality report: violations per rule with sample references."""
+
+    run = serializers.IntegerField()
+    records_read = serializers.IntegerField()
+    records_rejected = serializers.IntegerField()
+    rules = RuleQualitySerializer(many=True)
+    rejected_by_step = serializers.DictField(
+        child=serializers.IntegerField(),
+        help_text="Rejected rows by the first step that rejected them.",
+    )

@@ -26,6 +26,7 @@ from integration.api.serializers import (
     PipelinePreviewRequestSerializer,
     PipelinePreviewSerializer,
     PipelineSerializer,
+    QualityReportSerializer,
     ReplaySerializer,
     ResumeRunSerializer,
     RunListSerializer,
@@ -187,6 +188,14 @@ class RunViewSet(viewsets.ReadOnlyModelViewSet):
         )
         page = self.paginate_queryset(qs)
         return self.get_paginated_response(DeadLetterSerializer(page, many=True).data)
+
+    @extend_schema(responses=QualityReportSerializer)
+    @action(detail=True, methods=["get"])
+    def quality(self, request: Request, pk: str | None = None) -> Response:
+        """The run's data-quality report: violations per validate rule, with
+        sample source references, and rejected rows per step."""
+        run = self.get_object()
+        return Response(services.quality_report(run))
 
     @extend_schema(request=None, responses={202: RunSerializer, 409: CONFLICT})
     @action(detail=True, methods=["post"])

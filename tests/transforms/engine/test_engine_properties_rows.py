@@ -291,6 +291,10 @@ def assert_accounted(compiled: CompiledPipeline, batch: pa.Table) -> None:
         assert row.pop("_error")
         assert row.pop("_step") in STEP_KINDS
         assert row == batch.slice(by_ref[row["_source_ref"]], 1).to_pylist()[0]
+    # Rule violations are of rejected rows, by known rules.
+    violations = result.violations
+    assert set(violations.column("_source_ref").to_pylist()) <= set(bad_refs)
+    assert set(violations.column("rule").to_pylist()) <= set(compiled.rules)
     data = result.output.drop_columns(
         [c for c in result.output.column_names if c.startswith("_")]
     )
