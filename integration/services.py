@@ -1548,8 +1548,16 @@ def preview_pipeline(
         version=chosen.number if chosen is not None else None,
         rows_in=table.num_rows,
         filtered=filtered,
-        schema=[{"name": f.name, "type": str(f.type)} for f in data],
+        schema=[{"name": f.name, "type": _type_name(f)} for f in data],
         outputs=[jsonable(row) for row in output.to_pylist()],
         errors=errors,
         column_lineage=lineage,
     )
+
+
+def _type_name(field: pa.Field) -> str:
+    """An output column's type for people: the Arrow type, ``json`` for JSON
+    text (a string tagged ``dis.type: json``)."""
+    if (field.metadata or {}).get(b"dis.type") == b"json":
+        return "json"
+    return str(field.type)

@@ -379,7 +379,9 @@ class PreviewColumnSerializer(serializers.Serializer):
     """An output column and its Arrow type."""
 
     name = serializers.CharField()
-    type = serializers.CharField(help_text="Arrow type, e.g. `decimal128(12, 2)`.")
+    type = serializers.CharField(
+        help_text="Arrow type, e.g. `decimal128(12, 2)`; `json` for JSON text."
+    )
 
 
 class PipelinePreviewErrorSerializer(serializers.Serializer):

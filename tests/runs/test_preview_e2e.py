@@ -78,6 +78,7 @@ PG_TYPES = {
     "string": "text",
     "bool": "boolean",
     "double": "double precision",
+    "json": "jsonb",
 }
 
 
@@ -85,6 +86,8 @@ def typed(arrow_type: str, value: Any) -> Any:
     """A preview (JSON) or PostgreSQL value as one comparable Python value."""
     if value is None:
         return None
+    if arrow_type == "json":  # JSON text in the preview, jsonb in PostgreSQL
+        return json.loads(value) if isinstance(value, str) else value
     if arrow_type.startswith("decimal"):
         return Decimal(value)
     if arrow_type.startswith("timestamp"):
@@ -217,7 +220,8 @@ def test_preview_equals_a_real_run_and_writes_nothing(
     first = from_preview[0]
     assert first["amount"] == Decimal("10.50")
     assert first["paid_at"] == dt.datetime(2024, 2, 29, 9, tzinfo=dt.UTC)
-    assert json.loads(first["payload"]) == {"a": [1, 2]}
+    assert first["payload"] == {"a": [1, 2]}
+    assert schema["payload"] == "json"
 
     # Rejected records: the same step and error as the run's dead letters.
     letters = sorted(
