@@ -114,3 +114,74 @@ def test_preview_refuses_bad_input_with_the_field(
     response = api.post(url, {"records": [{"_source_ref": "x"}]}, format="json")
     assert response.status_code == 400
     assert response.json() == {"records": ["records[0]: '_source_ref' is reserved"]}
+
+
+def test_preview_reads_references_without_filling_the_caches(
+    api, generator_connector, sqlite_sink, tmp_path
+):
+    import sqlite3
+    from contextlib import closing
+
+    import redis
+    from django.conf import settings
+
+    from connectors.models import Connector
+    from integration import references
+
+    db = tmp_path / "ref.db"
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE airlines (carrier TEXT PRIMARY KEY, name TEXT)")
+        conn.executemany(
+            "INSERT INTO airlines VALUES (?, ?)", [("UA", "United"), ("AA", "American")]
+        )
+        conn.commit()
+    ref_connector = Connector.objects.create(
+        name=unique("ref"), kind="sqlite", config={"path": str(db)}
+    )
+    ref = {"connector": ref_connector.name, "options": {"table": "airlines"}}
+    steps = [
+        {
+            "type": "enrich",
+            "reference": "airlines",
+            "on": {"carrier": "carrier"},
+            "fields": [{"name": "airline", "expr": "name", "type": "string"}],
+            "required": True,
+        }
+    ]
+    pipeline = Pipeline.objects.create(
+        name=unique("preview"),
+        source=generator_connector,
+        steps=steps,
+        references={"airlines": ref},
+        sink=sqlite_sink,
+        sink_options={"table": "t"},
+    )
+    services.freeze_version(pipeline)
+    references.clear_local()
+
+    response = api.post(
+        f"/api/v1/pipelines/{pipeline.pk}/preview/",
+        {"records": [{"carrier": "UA"}, {"carrier": "ZZ"}]},
+        format="json",
+    )
+
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert [(o["carrier"], o["airline"]) for o in body["outputs"]] == [("UA", "United")]
+    assert body["errors"][0]["error"] == (
+        "carrier: 'ZZ' has no match in reference airlines"
+    )
+    key = references.cache_key(ref, ["carrier", "name"])
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    assert client.exists(key) == 0
+    assert references._local == {}
+    # A run's read of the same reference does fill both (the key is the same).
+    try:
+        references.for_version(
+            {"references": {"airlines": ref}}, {"airlines": ["carrier", "name"]}
+        )
+        assert client.exists(key) == 1
+        assert list(references._local) == [key]
+    finally:
+        client.delete(key)
+        references.clear_local()
