@@ -9,6 +9,7 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.html import format_html, format_html_join
 
 from config import correlation
 from integration import drift, services, workflows
@@ -177,6 +178,28 @@ class RunAdmin(ReadOnlyAdmin):
     date_hierarchy = "created_at"
     inlines = [ChunkRunInline]
     actions = ["cancel", "resume", "resume_current"]
+    readonly_fields = ["quality_report"]
+
+    @admin.display(description="Data quality")
+    def quality_report(self, run: Run) -> str:
+        """Violations per validate rule with sample source references."""
+        report = services.quality_report(run)
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (r["rule"], r["kind"], r["violations"], ", ".join(r["samples"]))
+                for r in report["rules"]
+            ),
+        )
+        steps = ", ".join(f"{k}: {v}" for k, v in report["rejected_by_step"].items())
+        return format_html(
+            "<table><thead><tr><th>rule</th><th>kind</th><th>violations</th>"
+            "<th>sample source references</th></tr></thead><tbody>{}</tbody>"
+            "</table><p>Rejected rows by step: {}</p>",
+            rows,
+            steps or "none",
+        )
 
     @admin.action(description="Cancel")
     def cancel(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:

@@ -74,9 +74,12 @@ def _read(ref: dict[str, Any], columns: list[str]) -> pa.Table:
 
 
 def load(
-    name: str, ref: dict[str, Any], columns: list[str]
+    name: str, ref: dict[str, Any], columns: list[str], *, read_only: bool = False
 ) -> tuple[pa.Table, dict[str, Any]]:
-    """The reference table and where it came from (`memory`, `redis`, `miss`)."""
+    """The reference table and where it came from (`memory`, `redis`, `miss`).
+
+    ``read_only`` (a preview) uses the caches but fills neither of them.
+    """
     ttl = int(ref.get("ttl_seconds", DEFAULT_TTL_SECONDS))
     key = cache_key(ref, columns)
     now = time.time()
@@ -91,10 +94,13 @@ def load(
             table = from_ipc(blob)
             loaded_at = float((table.schema.metadata or {}).get(_LOADED_AT, now))
             table = table.replace_schema_metadata(None)
-            with _lock:
-                _local[key] = (table, loaded_at)
+            if not read_only:
+                with _lock:
+                    _local[key] = (table, loaded_at)
             return table, {"source": "redis", "age_seconds": round(now - loaded_at, 3)}
     table = _read(ref, columns)
+    if read_only:
+        return table, {"source": "miss", "age_seconds": 0.0}
     if client is not None and ttl > 0:
         stamped = table.replace_schema_metadata({_LOADED_AT: str(now).encode()})
         client.set(key, to_ipc(stamped), ex=ttl)
@@ -105,13 +111,15 @@ def load(
 
 
 def for_version(
-    spec: dict[str, Any], needed: dict[str, list[str]]
+    spec: dict[str, Any], needed: dict[str, list[str]], *, read_only: bool = False
 ) -> tuple[dict[str, pa.Table], dict[str, Any]]:
     """Every reference a pipeline version's steps need, and the cache statistics."""
     tables: dict[str, pa.Table] = {}
     stats: dict[str, Any] = {}
     for name, columns in needed.items():
-        tables[name], stats[name] = load(name, spec["references"][name], columns)
+        tables[name], stats[name] = load(
+            name, spec["references"][name], columns, read_only=read_only
+        )
     return tables, stats
 
 

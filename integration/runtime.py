@@ -18,11 +18,17 @@ from integration.models import PipelineVersion
 @lru_cache(maxsize=32)
 def compiled_version(version_id: int) -> Any:
     """The engine's compiled form of a pipeline version (immutable, so cacheable)."""
+    version = PipelineVersion.objects.get(pk=version_id)
+    return compile_spec(version.spec)
+
+
+def compile_spec(spec: dict[str, Any]) -> Any:
+    """Compile a version spec's steps as workers do (a new, uncached pipeline:
+    the caller closes it)."""
     from transforms.engine import compile_steps
 
-    version = PipelineVersion.objects.get(pk=version_id)
     return compile_steps(
-        version.spec["steps"],
+        spec["steps"],
         timezone=settings.TIME_ZONE,
         threads=settings.DIS_ENGINE_THREADS,
         memory_limit=settings.DIS_ENGINE_MEMORY_LIMIT,

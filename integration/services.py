@@ -630,6 +630,83 @@ def run_stats(run: Run) -> dict[str, Any]:
     return {"references": refs, **({"drift": found} if found else {})}
 
 
+#: Source references kept per rule as samples in the data-quality report.
+QUALITY_SAMPLES = 10
+
+
+def chunk_quality(violations: pa.Table, rejected: pa.Table) -> dict[str, Any]:
+    """A chunk's data-quality figures, kept in its stats.
+
+    Args:
+        violations: the engine's rule violations (``rule``, ``_source_ref``).
+        rejected: the rejected rows (with ``_step``).
+
+    Returns:
+        ``rules``: rule path -> ``violations`` and up to ``QUALITY_SAMPLES``
+        ``samples`` (source references, in source order); ``rejected_by_step``:
+        step -> rejected rows.
+    """
+    rules: dict[str, dict[str, Any]] = {}
+    for rule, ref in zip(
+        violations.column("rule").to_pylist(),
+        violations.column(SOURCE_REF_COLUMN).to_pylist(),
+        strict=True,
+    ):
+        entry = rules.setdefault(rule, {"violations": 0, "samples": []})
+        entry["violations"] += 1
+        if len(entry["samples"]) < QUALITY_SAMPLES:
+            entry["samples"].append(ref)
+    by_step: dict[str, int] = {}
+    if rejected.num_rows and "_step" in rejected.column_names:
+        for step in rejected.column("_step").to_pylist():
+            by_step[step or "unknown"] = by_step.get(step or "unknown", 0) + 1
+    return {"rules": rules, "rejected_by_step": by_step}
+
+
+def quality_report(run: Run) -> dict[str, Any]:
+    """A run's data-quality report, from its committed chunks.
+
+    Every validate rule of the run's version is listed (in step order) with its
+    violations and up to ``QUALITY_SAMPLES`` sample source references (the
+    first, in chunk order); a rule counts every rejected row it fails, also
+    when another rule or step rejected the row too.
+    """
+    from transforms.engine.compiler import rule_index
+    from transforms.engine.steps import parse_steps
+
+    try:
+        known = rule_index(parse_steps(run.version.spec["steps"]))
+    except Exception:  # noqa: BLE001 - an old version that no longer parses
+        known = {}
+    rules = {
+        path: {**meta, "rule": path, "violations": 0, "samples": []}
+        for path, meta in known.items()
+    }
+    by_step: dict[str, int] = {}
+    chunks = run.chunks.filter(state=ChunkState.DONE).order_by("seq")
+    for stats in chunks.values_list("stats", flat=True):
+        quality = (stats or {}).get("quality") or {}
+        for path, figures in quality.get("rules", {}).items():
+            entry = rules.setdefault(
+                path,
+                {"step": None, "field": "", "kind": "", "rule": path},
+            )
+            entry.setdefault("violations", 0)
+            entry.setdefault("samples", [])
+            entry["violations"] += figures["violations"]
+            room = QUALITY_SAMPLES - len(entry["samples"])
+            entry["samples"].extend(figures["samples"][: max(room, 0)])
+        for step, count in quality.get("rejected_by_step", {}).items():
+            by_step[step] = by_step.get(step, 0) + count
+    return {
+        "run": run.pk,
+        "records_read": run.records_read,
+        "records_rejected": run.records_rejected,
+        "rules": list(rules.values()),
+        "rejected_by_step": by_step,
+    }
+
+
 def token_is_current(run_id: int, seq: int, token: str) -> bool:
     """The sink's fence: is this attempt still the owner of the chunk?"""
     return ChunkRun.objects.filter(
@@ -1435,3 +1512,155 @@ def start_backfill(
         orchestration.send_plan(run.pk, cid)
     logger.info("backfill_queued", run_id=run.pk, scope=scope)
     return run
+
+
+# --- Preview ----------------------------------------------------------------------
+
+
+@dataclass
+class PipelinePreview:
+    """What a pipeline version made of a sample, computed as a run computes it.
+
+    Attributes:
+        version: the pipeline version number that ran (None: the pipeline has
+            no version yet and its unsaved behaviour ran).
+        rows_in: records in the sample.
+        filtered: records a filter step dropped.
+        schema: the output columns and their Arrow types, in order.
+        outputs: the output records (JSON values), in sample order; for an
+            aggregate pipeline, the merged groups.
+        errors: one per rejected record: ``index`` (in the sample),
+            ``source_ref``, ``error`` and ``step``, in sample order.
+        column_lineage: each output field -> the source columns it reads.
+    """
+
+    version: int | None
+    rows_in: int
+    filtered: int
+    schema: list[dict[str, str]]
+    outputs: list[dict[str, Any]]
+    errors: list[dict[str, Any]]
+    column_lineage: dict[str, list[str]]
+
+
+def preview_pipeline(
+    pipeline_id: int,
+    *,
+    records: list[Any] | None = None,
+    values: str = "text",
+    limit: int = 20,
+    version: int | None = None,
+) -> PipelinePreview:
+    """Run a pipeline version's steps over a sample; writes nothing.
+
+    The steps compile with the workers' settings and the chunk goes through the
+    run's own transform (``tasks.transform_table``), so the outputs and errors
+    are the ones a run gives for the same records. Nothing is planned, staged,
+    written or dead-lettered; reference datasets are read through the caches
+    without filling them.
+
+    Args:
+        pipeline_id: the pipeline.
+        records: sample JSON objects (see ``transforms.services.records_table``
+            for ``values``); None samples the first ``limit`` records of the
+            pipeline's source (read only).
+        values: ``text`` or ``typed``.
+        limit: records to sample from the source.
+        version: the version number; the current version by default.
+
+    Returns:
+        The preview.
+
+    Raises:
+        PreviewError: no such version, the source cannot be sampled, or the
+            sample does not fit the steps (``field`` names the request field).
+    """
+    from integration import references as reference_cache
+    from integration import runtime
+    from integration.tasks import transform_table
+    from transforms.engine import EngineError, StepConfigError
+    from transforms.engine.steps import ERROR_COLUMN, STEP_COLUMN
+    from transforms.exceptions import PreviewError
+    from transforms.services import jsonable, records_table, sample_connector
+
+    pipeline = Pipeline.objects.select_related("source", "current_version").get(
+        pk=pipeline_id
+    )
+    if version is not None:
+        chosen = pipeline.versions.filter(number=version).first()
+        if chosen is None:
+            raise PreviewError(
+                f"pipeline {pipeline.name} has no version {version}", field="version"
+            )
+    else:
+        chosen = pipeline.current_version
+    spec = chosen.spec if chosen is not None else pipeline.behaviour_spec()
+    if records is None:
+        table = sample_connector(
+            pipeline.source.name, spec["source"]["options"], limit=limit
+        )
+    else:
+        table = records_table(records, values=values)
+    refs = table.column(SOURCE_REF_COLUMN).to_pylist()
+    index_of = {ref: n for n, ref in enumerate(refs)}
+    try:
+        compiled = runtime.compile_spec(spec)
+    except StepConfigError as exc:
+        raise PreviewError(str(exc), field="steps") from None
+    try:
+        references = None
+        if compiled.references:
+            references, _ = reference_cache.for_version(
+                spec, compiled.references, read_only=True
+            )
+        done = transform_table(None, table, references=references, compiled=compiled)
+        output, rejected, filtered = done.output, done.rejected, done.filtered
+        # Run-wide key hashes travel to the load step, never to the sink.
+        hashes = [
+            s.column for s in compiled.key_scopes if s.column in output.schema.names
+        ]
+        output = output.drop_columns(hashes)
+        if compiled.is_aggregate:
+            output = compiled.merge_partials([output])
+        lineage = compiled.column_lineage
+    except StepConfigError as exc:
+        raise PreviewError(f"the sample does not fit the steps: {exc}") from None
+    except EngineError as exc:
+        raise PreviewError(str(exc)) from None
+    finally:
+        compiled.close()
+    errors = []
+    if rejected.num_rows:
+        errors = [
+            {
+                "index": index_of.get(ref),
+                "source_ref": ref,
+                "error": error,
+                "step": step,
+            }
+            for ref, error, step in zip(
+                rejected.column(SOURCE_REF_COLUMN).to_pylist(),
+                rejected.column(ERROR_COLUMN).to_pylist(),
+                rejected.column(STEP_COLUMN).to_pylist(),
+                strict=True,
+            )
+        ]
+        errors.sort(key=lambda e: (e["index"] is None, e["index"] or 0))
+    data = [f for f in output.schema if f.name != SOURCE_REF_COLUMN]
+    return PipelinePreview(
+        version=chosen.number if chosen is not None else None,
+        rows_in=table.num_rows,
+        filtered=filtered,
+        schema=[{"name": f.name, "type": _type_name(f)} for f in data],
+        outputs=[jsonable(row) for row in output.to_pylist()],
+        errors=errors,
+        column_lineage=lineage,
+    )
+
+
+def _type_name(field: pa.Field) -> str:
+    """An output column's type for people: the Arrow type, ``json`` for JSON
+    text (a string tagged ``dis.type: json``)."""
+    if (field.metadata or {}).get(b"dis.type") == b"json":
+        return "json"
+    return str(field.type)

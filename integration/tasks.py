@@ -133,16 +133,19 @@ def transform_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     if table is None:
         services.restart_chunk(run_id, seq, token, "extracted batch missing")
         return
-    references, ref_stats = {}, {}
+    references, stats = {}, {}
     needed = runtime.compiled_version(attempt.version_id).references
     if needed:
         from integration import references as reference_cache
 
-        references, ref_stats = reference_cache.for_version(
+        references, stats["references"] = reference_cache.for_version(
             attempt.version_spec, needed
         )
-        services.record_chunk_stats(run_id, seq, token, {"references": ref_stats})
     done = transform_table(attempt.version_id, table, references=references)
+    if done.rejected.num_rows:
+        stats["quality"] = services.chunk_quality(done.violations, done.rejected)
+    if stats:
+        services.record_chunk_stats(run_id, seq, token, stats)
     meta = {
         b"dis.rows_in": str(table.num_rows).encode(),
         b"dis.filtered": str(done.filtered).encode(),
@@ -174,6 +177,8 @@ class Transformed:
         deduplicated: rows a deduplicate step dropped within the chunk.
         inputs: with unique rules, the input rows of `output` (aligned with it),
             for the dead letters of values an earlier chunk holds; else None.
+        violations: one row per (rejected row, validate rule it violates), for
+            the run's data-quality report (``EngineResult.violations``).
     """
 
     output: pa.Table
@@ -181,13 +186,23 @@ class Transformed:
     filtered: int
     deduplicated: int = 0
     inputs: pa.Table | None = None
+    violations: pa.Table | None = None
 
 
 def transform_table(
-    version_id: int, table: pa.Table, *, references: dict[str, pa.Table] | None = None
+    version_id: int | None,
+    table: pa.Table,
+    *,
+    references: dict[str, pa.Table] | None = None,
+    compiled: Any = None,
 ) -> Transformed:
-    """Run the compiled version over a chunk; rows the reader flagged are rejected."""
-    compiled = runtime.compiled_version(version_id)
+    """Run the compiled version over a chunk; rows the reader flagged are rejected.
+
+    ``compiled`` replaces the version's cached compiled pipeline (a preview runs
+    its own, with the same settings).
+    """
+    if compiled is None:
+        compiled = runtime.compiled_version(version_id)
     table, drifted = drift.split_rejected(table)
     unreadable = None
     if "_read_error" in table.column_names:
@@ -229,7 +244,12 @@ def transform_table(
     if any(scope.kind == "unique" for scope in compiled.key_scopes):
         inputs = runkeys.aligned_inputs(table, result.output)
     return Transformed(
-        result.output, rejected, result.filtered, result.deduplicated, inputs
+        result.output,
+        rejected,
+        result.filtered,
+        result.deduplicated,
+        inputs,
+        result.violations,
     )
 
 

@@ -24,6 +24,8 @@ from integration.models import (
     SchemaChange,
     SchemaChangeProposal,
 )
+from transforms.choices import PreviewValues
+from transforms.services import MAX_PREVIEW_RECORDS
 
 
 class PipelineVersionSerializer(serializers.ModelSerializer):
@@ -538,3 +540,91 @@ class SchemaChangeProposalSerializer(serializers.ModelSerializer):
     def get_held_rows(self, proposal: SchemaChangeProposal) -> int:
         """Rows whose values are held (not yet loaded or rejected)."""
         return sum(proposal.held.filter(state="held").values_list("rows", flat=True))
+
+
+class PipelinePreviewRequestSerializer(serializers.Serializer):
+    """Sample records for a pipeline preview: in the body, or read from the
+    pipeline's own source."""
+
+    records = serializers.ListField(
+        child=serializers.DictField(),
+        required=False,
+        max_length=MAX_PREVIEW_RECORDS,
+        help_text="JSON objects; each gets `_source_ref` = `preview#<index>`. "
+        "Leave out to sample the first `limit` records of the pipeline's source.",
+    )
+    values = serializers.ChoiceField(
+        choices=PreviewValues.choices,
+        default=PreviewValues.TEXT,
+        help_text="`text`: values become strings as a CSV source reads them "
+        "(the default); `typed`: Arrow types inferred from the JSON values.",
+    )
+    version = serializers.IntegerField(
+        required=False, min_value=1, help_text="Version number (default: current)."
+    )
+    limit = serializers.IntegerField(
+        required=False,
+        default=20,
+        min_value=1,
+        max_value=MAX_PREVIEW_RECORDS,
+        help_text="Records to sample from the source (without `records`).",
+    )
+
+
+class PreviewColumnSerializer(serializers.Serializer):
+    """An output column and its Arrow type."""
+
+    name = serializers.CharField()
+    type = serializers.CharField(
+        help_text="Arrow type, e.g. `decimal128(12, 2)`; `json` for JSON text."
+    )
+
+
+class PipelinePreviewErrorSerializer(serializers.Serializer):
+    """A sample record the pipeline rejected, as a run would dead-letter it."""
+
+    index = serializers.IntegerField(allow_null=True)
+    source_ref = serializers.CharField()
+    error = serializers.CharField()
+    step = serializers.CharField()
+
+
+class PipelinePreviewSerializer(serializers.Serializer):
+    """What the pipeline's steps made of the sample; nothing was written."""
+
+    version = serializers.IntegerField(allow_null=True)
+    rows_in = serializers.IntegerField()
+    filtered = serializers.IntegerField()
+    schema = PreviewColumnSerializer(many=True)
+    outputs = serializers.ListField(child=serializers.DictField())
+    errors = PipelinePreviewErrorSerializer(many=True)
+    column_lineage = serializers.DictField(
+        child=serializers.ListField(child=serializers.CharField())
+    )
+
+
+class RuleQualitySerializer(serializers.Serializer):
+    """One validate rule's violations in a run."""
+
+    rule = serializers.CharField(help_text="The rule's path: `steps[2].rules[0] (f)`.")
+    step = serializers.IntegerField(allow_null=True, help_text="The step's index.")
+    field = serializers.CharField(allow_blank=True)
+    kind = serializers.CharField(allow_blank=True, help_text="not_null, range, ...")
+    violations = serializers.IntegerField(help_text="Rejected rows failing the rule.")
+    samples = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="Up to 10 source references of violating rows, in source order.",
+    )
+
+
+class QualityReportSerializer(serializers.Serializer):
+    """A run's data-quality report: violations per rule with sample references."""
+
+    run = serializers.IntegerField()
+    records_read = serializers.IntegerField()
+    records_rejected = serializers.IntegerField()
+    rules = RuleQualitySerializer(many=True)
+    rejected_by_step = serializers.DictField(
+        child=serializers.IntegerField(),
+        help_text="Rejected rows by the first step that rejected them.",
+    )

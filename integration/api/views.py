@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 from typing import Any
 
 import orjson
@@ -31,7 +32,10 @@ from integration.api.serializers import (
     DeadLetterSerializer,
     DiscardOneSerializer,
     DiscardSerializer,
+    PipelinePreviewRequestSerializer,
+    PipelinePreviewSerializer,
     PipelineSerializer,
+    QualityReportSerializer,
     ReplaySerializer,
     ResumeRunSerializer,
     RunListSerializer,
@@ -54,6 +58,7 @@ from integration.models import (
     SchemaChange,
     SchemaChangeProposal,
 )
+from transforms.exceptions import PreviewError
 
 CONFLICT = OpenApiResponse(description="Refused: the reason is in `detail`.")
 
@@ -135,6 +140,35 @@ class PipelineViewSet(viewsets.ModelViewSet):
             raise ValidationError(exc.message_dict) from None
         return Response(RunSerializer(run).data, status=status.HTTP_202_ACCEPTED)
 
+    @extend_schema(
+        request=PipelinePreviewRequestSerializer,
+        responses={200: PipelinePreviewSerializer},
+    )
+    @action(detail=True, methods=["post"])
+    def preview(self, request: Request, pk: str | None = None) -> Response:
+        """Run the pipeline's steps (current or given version) over sample records,
+        exactly as a run transforms a chunk; writes nothing.
+
+        The records come in the body, or are the first `limit` records of the
+        pipeline's source.
+        """
+        pipeline = self.get_object()
+        body = PipelinePreviewRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        try:
+            result = services.preview_pipeline(
+                pipeline.pk,
+                records=data.get("records"),
+                values=data["values"],
+                limit=data["limit"],
+                version=data.get("version"),
+            )
+        except PreviewError as exc:
+            field = "source" if exc.field in ("connector", "options") else exc.field
+            raise ValidationError({field: [str(exc)]}) from None
+        return Response(asdict(result))
+
 
 class RunViewSet(viewsets.ReadOnlyModelViewSet):
     """Runs: state, counts, chunk progress; cancel, resume; their dead letters."""
@@ -164,6 +198,14 @@ class RunViewSet(viewsets.ReadOnlyModelViewSet):
         )
         page = self.paginate_queryset(qs)
         return self.get_paginated_response(DeadLetterSerializer(page, many=True).data)
+
+    @extend_schema(responses=QualityReportSerializer)
+    @action(detail=True, methods=["get"])
+    def quality(self, request: Request, pk: str | None = None) -> Response:
+        """The run's data-quality report: violations per validate rule, with
+        sample source references, and rejected rows per step."""
+        run = self.get_object()
+        return Response(services.quality_report(run))
 
     @extend_schema(request=None, responses={202: RunSerializer, 409: CONFLICT})
     @action(detail=True, methods=["post"])

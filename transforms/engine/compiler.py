@@ -15,7 +15,7 @@ query into partial aggregates, which ``merge_partials`` merges.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -72,6 +72,9 @@ ROW_ERRORS: tuple[type[Exception], ...] = (
     duckdb.DataError,
     duckdb.InvalidInputException,
     duckdb.NotImplementedException,
+    # DuckDB quotes the offending value in its message, cut to a byte length:
+    # a cut inside a multi-byte character makes the binding raise this instead.
+    UnicodeDecodeError,
 )
 # Rows of one batch whose DuckDB error message is looked up one by one; the
 # rest say RAISED_MARK.
@@ -79,6 +82,11 @@ MAX_DIAGNOSED_ROWS = 100
 # Bisection (the fallback when TRY cannot be used) costs a few queries per
 # failing row; past this many the batch fails instead of crawling.
 MAX_BISECTED_ROWS = 100
+
+VIOLATIONS_SCHEMA = pa.schema(
+    [pa.field("rule", pa.string()), pa.field(SOURCE_REF, pa.string())]
+)
+_VIOLATIONS_WORK = VIOLATIONS_SCHEMA.append(pa.field(RID, pa.int64()))
 
 _SchemaKey = tuple[tuple[str, str], ...]
 # The input schema's key and the registered references' schema keys.
@@ -108,6 +116,10 @@ class EngineResult:
             first occurrence of a unique value. NULL for the others. A run
             records them too, so the result does not depend on the chunking.
             None without key scopes.
+        violations: one row per (rejected row, validate rule it violates):
+            ``rule`` (the rule's path, e.g. ``steps[2].rules[0]``, see
+            ``CompiledPipeline.rules``) and the row's ``_source_ref``, in
+            input order; the data for a data-quality report.
     """
 
     output: pa.Table
@@ -116,6 +128,7 @@ class EngineResult:
     rows_in: int
     deduplicated: int = 0
     rejected_keys: pa.Table | None = None
+    violations: pa.Table = field(default_factory=VIOLATIONS_SCHEMA.empty_table)
 
 
 @dataclass(frozen=True)
@@ -285,6 +298,12 @@ class CompiledPipeline:
         return key_scopes(self.steps)
 
     @property
+    def rules(self) -> dict[str, dict[str, Any]]:
+        """Each validate rule's path (as in ``EngineResult.violations``) -> its
+        step index, field and kind, in step and rule order."""
+        return rule_index(self.steps)
+
+    @property
     def final_schema(self) -> pa.Schema:
         """The schema of the pipeline's result: for an aggregate pipeline, of
         ``merge_partials``'s output (group keys, then one column per
@@ -411,9 +430,12 @@ class CompiledPipeline:
             bad = self._diagnose_raised(table.schema, bad, work)
         filtered = rows_in - result.num_rows - len(failures) - deduplicated
         checked = good
+        violations = _violations(plan, bad)
         if plan.json_checks:
-            good, invalid = self._check_json(plan, good)
+            good, invalid, json_violations = self._check_json(plan, good)
             failures = [*failures, *invalid]
+            violations = pa.concat_tables([violations, json_violations])
+        violations = _by_row(violations)
         output = good.select(plan.output_schema.names).cast(plan.output_schema)
         for f, column in plan.encrypted:
             index = output.schema.get_field_index(column)
@@ -436,6 +458,7 @@ class CompiledPipeline:
             rows_in=rows_in,
             deduplicated=deduplicated,
             rejected_keys=rejected_keys,
+            violations=violations,
         )
 
     def close(self) -> None:
@@ -580,20 +603,31 @@ class CompiledPipeline:
 
     def _check_json(
         self, plan: Plan, good: pa.Table
-    ) -> tuple[pa.Table, list[_Failure]]:
+    ) -> tuple[pa.Table, list[_Failure], pa.Table]:
         """Apply the json_schema rules to the rows the query kept.
 
         Returns:
-            The rows that pass, and a failure (``validate``) per row that does
-            not, with its messages in rule order.
+            The rows that pass, a failure (``validate``) per row that does
+            not, with its messages in rule order, and the violations.
         """
         found: dict[int, list[str]] = {}
+        broken: list[tuple[str, int]] = []  # (rule path, row)
         for rule, column in plan.json_checks:
             check = self._json_checks[rule.path]
             for row, message in check.errors(good.column(column)):
                 found.setdefault(row, []).append(message)
+                broken.append((rule.path, row))
+        picked = pa.array([row for _, row in broken], pa.int64())
+        violations = pa.Table.from_arrays(
+            [
+                pa.array([path for path, _ in broken], pa.string()),
+                good.column(SOURCE_REF).take(picked),
+                good.column(RID).take(picked),
+            ],
+            schema=_VIOLATIONS_WORK,
+        )
         if not found:
-            return good, []
+            return good, [], violations
         rows = sorted(found)
         rids = good.column(RID).take(pa.array(rows, pa.int64())).to_pylist()
         keep = np.ones(good.num_rows, dtype=bool)
@@ -602,7 +636,7 @@ class CompiledPipeline:
             _Failure(rid, "validate", "; ".join(found[row]))
             for rid, row in zip(rids, rows, strict=True)
         ]
-        return good.filter(pa.array(keep)), failures
+        return good.filter(pa.array(keep)), failures, violations
 
     def _safe_plan(self, schema: pa.Schema) -> Plan | None:
         """The TRY-wrapped plan, or None when DuckDB refuses TRY (volatile
@@ -710,6 +744,9 @@ class CompiledPipeline:
                     self.con.sql(query).fetchall()
                 except duckdb.Error as error:
                     return probe.step.kind, f"{probe.label}: {first_line(error)}"
+                except UnicodeDecodeError:
+                    # DuckDB's message cut a character of the value in two.
+                    return probe.step.kind, f"{probe.label}: {RAISED_MARK}"
         finally:
             self.con.unregister(BATCH_VIEW)
         return (probes[0].step.kind if probes else "map"), None
@@ -776,6 +813,48 @@ def _in_input_order(result: pa.Table) -> pa.Table:
     if rids.size < 2 or bool(np.all(rids[1:] > rids[:-1])):
         return result
     return result.take(pa.array(np.argsort(rids, kind="stable")))
+
+
+def rule_index(steps: Sequence[Step]) -> dict[str, dict[str, Any]]:
+    """Each validate rule's path -> its step index, field and kind."""
+    return {
+        rule.path: {"step": step.index, "field": rule.field, "kind": rule.kind}
+        for step in steps
+        if isinstance(step, ValidateStep)
+        for rule in step.rules
+    }
+
+
+def _violations(plan: Plan, bad: pa.Table) -> pa.Table:
+    """The validate rule violations of the rows the query rejected, with the
+    row's id (``RID``): rule path, ``_source_ref``, ``RID``."""
+    parts = [_VIOLATIONS_WORK.empty_table()]
+    if bad.num_rows:
+        refs = bad.column(SOURCE_REF).combine_chunks()
+        rids = bad.column(RID).combine_chunks()
+        for step, column in plan.violations:
+            lists = bad.column(column).combine_chunks()
+            positions = pc.list_flatten(lists)
+            if len(positions) == 0:
+                continue
+            rows = pc.list_parent_indices(lists)
+            paths = pa.array([rule.path for rule in step.rules], pa.string())
+            parts.append(
+                pa.Table.from_arrays(
+                    [paths.take(positions), refs.take(rows), rids.take(rows)],
+                    schema=_VIOLATIONS_WORK,
+                )
+            )
+    return pa.concat_tables(parts)
+
+
+def _by_row(violations: pa.Table) -> pa.Table:
+    """Violations in input row order (a row's rules in step and rule order),
+    without the row id."""
+    if violations.num_rows > 1:
+        # Arrow's sort is stable: a row's rules keep their order.
+        violations = violations.take(pc.sort_indices(violations.column(RID)))
+    return violations.drop_columns([RID])
 
 
 def _schema_key(schema: pa.Schema) -> _SchemaKey:

@@ -59,6 +59,12 @@ def _decimal_re(scale: int) -> str:
     return rf"[+-]?(?:[0-9]+(?:\.[0-9]{{0,{scale}}}0*)?|\.[0-9]{{1,{scale}}}0*)"
 
 
+#: Metadata of a JSON output field: our logical type, and the tag connectors
+#: read (JSON Lines embeds the value, SQL sinks create json/jsonb columns, Avro
+#: marks the field).
+JSON_FIELD_METADATA = {"logical_type": "json", "dis.type": "json"}
+
+
 @dataclass(frozen=True)
 class FieldType:
     """A map field's declared type: its config name, DuckDB type and Arrow type."""
@@ -115,8 +121,9 @@ class FieldType:
         return self.name in ("date", "timestamp", "timestamptz")
 
     def arrow_field(self, name: str) -> pa.Field:
-        """The output Arrow field; JSON is a string tagged in the metadata."""
-        metadata = {"logical_type": "json"} if self.name == "json" else None
+        """The output Arrow field; JSON is a string tagged in the metadata
+        (``dis.type: json`` too: the tag sinks read to write JSON natively)."""
+        metadata = JSON_FIELD_METADATA if self.name == "json" else None
         return pa.field(name, self.arrow, nullable=True, metadata=metadata)
 
 

@@ -128,6 +128,9 @@ class Plan:
     reorders: bool = False
     # Whether the rows carry DUPES (a deduplicate step).
     counts_dupes: bool = False
+    # Per validate step, the hidden column listing (by position in the step's
+    # rules) the rules a row violates; NULL for a row that violates none.
+    violations: list[tuple[ValidateStep, str]] = field(default_factory=list)
 
     def query(self, *, upto: str | None = None, select: str | None = None) -> str:
         """SQL of the whole query, or of the CTEs up to ``upto`` (a CTE name).
@@ -655,10 +658,11 @@ class PlanBuilder:
         if scratch:
             prev = plan.ctes[-1].name
         messages: list[str] = []
+        positions: list[int] = []  # each message's rule, by position
         flags: list[tuple[str, int]] = []
         paths: list[tuple[str, str]] = []
         hidden: list[tuple[str, str]] = []  # (SQL, name)
-        for rule in step.rules:
+        for position, rule in enumerate(step.rules):
             column = columns.get(rule.field.lower())
             if rule.field and (
                 column is None or column.lower().startswith(INTERNAL_PREFIX)
@@ -717,21 +721,45 @@ class PlanBuilder:
                 flags.append((_raises(sql), probe_id))
             else:
                 messages.append(sql)
-        new = (
-            f"NULLIF(concat_ws('; ', {', '.join(messages)}), '')"
-            if messages
-            else "CAST(NULL AS VARCHAR)"
-        )
+            positions.append(position)
+        source = prev
+        drop = list(scratch.values())
+        new = "CAST(NULL AS VARCHAR)"
+        if messages:
+            # Each rule's message in its own column, so the row's violations
+            # (for the data-quality report) are known by rule, not by text.
+            names = [
+                f"{INTERNAL_PREFIX}_msg_{step.index}_{n}" for n in range(len(messages))
+            ]
+            selected = ", ".join(
+                f"{m} AS {n}" for m, n in zip(messages, names, strict=True)
+            )
+            source = f"{cte}_msgs"
+            plan.ctes.append(Cte(source, f"SELECT *, {selected} FROM {prev}"))
+            drop.extend(names)
+            new = f"NULLIF(concat_ws('; ', {', '.join(names)}), '')"
+            listed = ", ".join(
+                f"CASE WHEN {n} IS NOT NULL THEN {p} END"
+                for n, p in zip(names, positions, strict=True)
+            )
+            violations = f"{INTERNAL_PREFIX}_violations_{step.index}"
+            hidden.append(
+                (
+                    f"CASE WHEN coalesce({', '.join(names)}) IS NOT NULL THEN "
+                    f"list_filter([{listed}], lambda x: x IS NOT NULL) END",
+                    violations,
+                )
+            )
+            plan.violations.append((step, violations))
         plan.ctes.append(
             Cte(
                 f"{cte}_checked",
                 f"SELECT *, {''.join(f'{h} AS {n}, ' for h, n in hidden)}{new} "
-                f"AS {NEW}, {_first_raised(flags)} AS {NEW_RAISED} FROM {prev}",
+                f"AS {NEW}, {_first_raised(flags)} AS {NEW_RAISED} FROM {source}",
             )
         )
         self.hidden.extend(n for _, n in hidden)
         self._bind(plan, prev, paths)
-        drop = list(scratch.values())
         plan.ctes.append(
             Cte(cte, f"SELECT {_merge('validate', drop)} FROM {cte}_checked")
         )

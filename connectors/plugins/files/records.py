@@ -291,10 +291,63 @@ def _json_type(value: Any) -> str:
 # -- Avro ---------------------------------------------------------------------------
 
 
+class _NotNative(Exception):
+    """A nested Avro type with no Arrow counterpart here (a union of several
+    types, a reference to a named type): the field travels as JSON text."""
+
+
+def _nested_arrow_type(kind: Any) -> pa.DataType:
+    """The Arrow type of an Avro type inside a record, array or map.
+
+    Raises:
+        _NotNative: a union of several types or a named-type reference.
+    """
+    if isinstance(kind, list):
+        others = [k for k in kind if k != "null"]
+        if len(others) != 1:
+            raise _NotNative
+        return _nested_arrow_type(others[0])
+    if isinstance(kind, dict):
+        base = kind.get("type")
+        if base == "record" and not kind.get("logicalType"):
+            return pa.struct(
+                [
+                    pa.field(f["name"], _nested_arrow_type(f["type"]))
+                    for f in kind["fields"]
+                ]
+            )
+        if base == "array":
+            return pa.list_(_nested_arrow_type(kind["items"]))
+        if base == "map":
+            return pa.map_(pa.string(), _nested_arrow_type(kind["values"]))
+        arrow, is_json = avro_to_arrow_type(kind)
+    elif kind in _AVRO_PRIMITIVES:
+        arrow, is_json = _AVRO_PRIMITIVES[kind]
+    else:
+        raise _NotNative  # a named type's reference
+    if is_json:
+        raise _NotNative
+    return arrow
+
+
+_AVRO_PRIMITIVES: dict[str, tuple[pa.DataType, bool]] = {
+    "string": (pa.string(), False),
+    "int": (pa.int32(), False),
+    "long": (pa.int64(), False),
+    "float": (pa.float32(), False),
+    "double": (pa.float64(), False),
+    "boolean": (pa.bool_(), False),
+    "bytes": (pa.binary(), False),
+    "null": (pa.null(), False),
+}
+
+
 def avro_to_arrow_type(kind: Any) -> tuple[pa.DataType, bool]:
     """The Arrow type of an Avro field type, and whether values travel as JSON text.
 
-    `["null", T]` unions are T (nullable); records, arrays, maps and other unions
+    `["null", T]` unions are T (nullable); records become structs, arrays lists
+    and maps maps (string keys), their members typed the same way. Unions of
+    several types, and nested types that contain one or refer to a named type,
     become JSON text columns.
     """
     if isinstance(kind, list):
@@ -330,18 +383,12 @@ def avro_to_arrow_type(kind: Any) -> tuple[pa.DataType, bool]:
         if base == "fixed":
             return pa.binary(), False
         if base in ("record", "array", "map"):
-            return pa.string(), True
+            try:
+                return _nested_arrow_type(kind), False
+            except _NotNative:
+                return pa.string(), True
         return avro_to_arrow_type(base)
-    return {
-        "string": (pa.string(), False),
-        "int": (pa.int32(), False),
-        "long": (pa.int64(), False),
-        "float": (pa.float32(), False),
-        "double": (pa.float64(), False),
-        "boolean": (pa.bool_(), False),
-        "bytes": (pa.binary(), False),
-        "null": (pa.null(), False),
-    }.get(kind, (pa.string(), True))
+    return _AVRO_PRIMITIVES.get(kind, (pa.string(), True))
 
 
 def avro_arrow_schema(

@@ -294,8 +294,9 @@ def with_system_columns(batch: pa.Table, *, run_id: int, chunk_seq: int) -> pa.T
 
 
 def _write_csv(table: pa.Table, stream: Any, config: dict[str, Any]) -> None:
+    # CSV has no nested values: structs, lists and maps are written as JSON text.
     pacsv.write_csv(
-        table,
+        _nested_as_json(table),
         stream,
         write_options=pacsv.WriteOptions(
             include_header=True, delimiter=config.get("delimiter", ",")
@@ -338,8 +339,60 @@ def _write_parquet(table: pa.Table, stream: Any, config: dict[str, Any]) -> None
     )
 
 
-def avro_type(field: pa.Field) -> Any:
-    """The (nullable) Avro type of an Arrow field; nested values travel as JSON."""
+def avro_type(field: pa.Field, *, path: str = "") -> Any:
+    """The (nullable) Avro type of an Arrow field.
+
+    Structs become records (named after their path, so names never clash),
+    lists arrays and maps with string keys maps, their members typed the same
+    way; a nested type Avro cannot name (a member name that is not an Avro
+    name, a map with other keys, a union) makes the whole field JSON text.
+    """
+    nested = _avro_nested(field.type, path or field.name)
+    if nested is not None:
+        return ["null", nested]
+    return _avro_scalar(field)
+
+
+def _avro_nested(kind: pa.DataType, path: str) -> Any:
+    """The Avro type of a nested Arrow type, None when not nested or not
+    representable (then the value is written as JSON text)."""
+    if pa.types.is_struct(kind):
+        members = [kind.field(i) for i in range(kind.num_fields)]
+        if not members or any(not _AVRO_NAME.match(m.name) for m in members):
+            return None
+        fields = []
+        for member in members:
+            member_type = avro_type(member, path=f"{path}_{member.name}")
+            if member_type == ["null", "string"] and not _is_text(member.type):
+                return None  # a member that would be JSON text: the whole field is
+            fields.append({"name": member.name, "type": member_type, "default": None})
+        return {"type": "record", "name": f"r_{path}", "fields": fields}
+    if (
+        pa.types.is_list(kind)
+        or pa.types.is_large_list(kind)
+        or pa.types.is_fixed_size_list(kind)
+    ):
+        item = kind.value_field
+        item_type = avro_type(item, path=f"{path}_item")
+        if item_type == ["null", "string"] and not _is_text(item.type):
+            return None
+        return {"type": "array", "items": item_type}
+    if pa.types.is_map(kind):
+        if not _is_text(kind.key_type):
+            return None
+        value = kind.item_field
+        value_type = avro_type(value, path=f"{path}_value")
+        if value_type == ["null", "string"] and not _is_text(value.type):
+            return None
+        return {"type": "map", "values": value_type}
+    return None
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _avro_scalar(field: pa.Field) -> Any:
     kind = field.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         base: Any = "string"
@@ -372,7 +425,7 @@ def avro_type(field: pa.Field) -> Any:
     elif pa.types.is_null(kind):
         return "null"
     else:
-        base = "string"  # lists, structs, maps: JSON text
+        base = "string"  # unions, and nested types Avro cannot name: JSON text
     return ["null", base]
 
 
@@ -414,18 +467,67 @@ def _write_avro(table: pa.Table, stream: Any, config: dict[str, Any]) -> None:
     as_text = [
         f.name
         for f in table.schema
-        if avro_type(f) == ["null", "string"]
-        and not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))
+        if avro_type(f) == ["null", "string"] and not _is_text(f.type)
     ]
+    maps = [f.name for f in table.schema if _has_map(f.type) and f.name not in as_text]
 
     def records() -> Any:
         for batch in table.to_batches(max_chunksize=ROWS_PER_STEP):
             for row in batch.to_pylist():
                 for name in as_text:
                     row[name] = to_json_text(row[name])
+                for name in maps:  # Arrow gives maps as (key, value) pairs
+                    row[name] = _maps_as_dicts(row[name])
                 yield row
 
     fastavro.writer(stream, parsed, records(), codec="deflate")
+
+
+def _has_map(kind: pa.DataType) -> bool:
+    if pa.types.is_map(kind):
+        return True
+    if pa.types.is_struct(kind):
+        return any(_has_map(kind.field(i).type) for i in range(kind.num_fields))
+    if (
+        pa.types.is_list(kind)
+        or pa.types.is_large_list(kind)
+        or pa.types.is_fixed_size_list(kind)
+    ):
+        return _has_map(kind.value_type)
+    return False
+
+
+def _maps_as_dicts(value: Any) -> Any:
+    """A nested value with Arrow's map values ((key, value) pairs) as dicts."""
+    if isinstance(value, dict):
+        return {k: _maps_as_dicts(v) for k, v in value.items()}
+    if isinstance(value, list):
+        if value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+            return {k: _maps_as_dicts(v) for k, v in value}
+        return [_maps_as_dicts(v) for v in value]
+    return value
+
+
+def _nested_as_json(table: pa.Table) -> pa.Table:
+    """Struct, list and map columns as JSON text (marked `dis.type: json`)."""
+    for index, f in enumerate(table.schema):
+        kind = f.type
+        if (
+            pa.types.is_struct(kind)
+            or pa.types.is_list(kind)
+            or pa.types.is_large_list(kind)
+            or pa.types.is_fixed_size_list(kind)
+            or pa.types.is_map(kind)
+        ):
+            values = [
+                to_json_text(_maps_as_dicts(v)) for v in table.column(index).to_pylist()
+            ]
+            table = table.set_column(
+                index,
+                pa.field(f.name, pa.string(), metadata=JSON_METADATA),
+                pa.array(values, pa.string()),
+            )
+    return table
 
 
 _WRITERS: dict[str, Callable[[pa.Table, Any, dict[str, Any]], None]] = {

@@ -383,7 +383,10 @@ def test_output_schema_is_known_at_compile_time(compile_pipeline: Any) -> None:
             ("j", pa.string()),
         ]
     )
-    assert pipeline.output_schema.field("j").metadata == {b"logical_type": b"json"}
+    assert pipeline.output_schema.field("j").metadata == {
+        b"logical_type": b"json",
+        b"dis.type": b"json",
+    }
 
 
 def test_output_table_has_the_output_schema_then_source_ref(

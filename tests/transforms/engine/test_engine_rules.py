@@ -7,6 +7,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from tests.transforms.engine.conftest import source_refs
 from transforms.engine import StepConfigError, compile_steps
 
 TIMES_MAP = {
@@ -248,3 +249,65 @@ def test_parse_errors_give_the_position(expr: str, message: str) -> None:
         compile_steps([{"type": "filter", "where": expr}])
 
     assert str(raised.value) == f"steps[0].where: {message}"
+
+
+def test_violations_name_each_failing_rule_of_each_rejected_row(
+    compile_pipeline: Any, make_batch: Any
+) -> None:
+    steps = [
+        {
+            "type": "map",
+            "fields": [
+                {"name": "a", "expr": "a", "type": "integer"},
+                {"name": "s", "expr": "s", "type": "string"},
+                {"name": "j", "expr": "j", "type": "json"},
+            ],
+        },
+        {
+            "type": "validate",
+            "rules": [
+                {"field": "a", "rule": "not_null"},
+                {"field": "a", "rule": "range", "min": 0},
+                {"field": "s", "rule": "enum", "values": ["x"]},
+                {"field": "j", "rule": "json_schema", "schema": {"type": "object"}},
+            ],
+        },
+        {"type": "validate", "rules": [{"rule": "expr", "expr": "a < 100"}]},
+    ]
+    pipeline = compile_pipeline(steps)
+    batch = make_batch(
+        a=["1", None, "-5", "200", "x", "2"],
+        s=["x", "y", "x", "x", "x", "x"],
+        j=["{}", "{}", "[]", "{}", "{}", "[]"],
+    )
+
+    result = pipeline.run(batch)
+
+    refs = source_refs(6)
+    assert result.violations.to_pylist() == [
+        {"rule": "steps[1].rules[0] (a)", "_source_ref": refs[1]},
+        {"rule": "steps[1].rules[2] (s)", "_source_ref": refs[1]},
+        {"rule": "steps[1].rules[1] (a)", "_source_ref": refs[2]},
+        {"rule": "steps[2].rules[0]", "_source_ref": refs[3]},
+        # A value that does not convert is NULL for the rules.
+        {"rule": "steps[1].rules[0] (a)", "_source_ref": refs[4]},
+        # json_schema runs on the rows the query kept.
+        {"rule": "steps[1].rules[3] (j)", "_source_ref": refs[5]},
+    ]
+    assert result.rejected["_source_ref"].to_pylist() == refs[1:]
+    assert pipeline.rules == {
+        "steps[1].rules[0] (a)": {"step": 1, "field": "a", "kind": "not_null"},
+        "steps[1].rules[1] (a)": {"step": 1, "field": "a", "kind": "range"},
+        "steps[1].rules[2] (s)": {"step": 1, "field": "s", "kind": "enum"},
+        "steps[1].rules[3] (j)": {"step": 1, "field": "j", "kind": "json_schema"},
+        "steps[2].rules[0]": {"step": 2, "field": "", "kind": "expr"},
+    }
+
+
+def test_no_violations_without_rejected_rows(
+    compile_pipeline: Any, make_batch: Any
+) -> None:
+    steps = [{"type": "validate", "rules": [{"field": "a", "rule": "not_null"}]}]
+    result = compile_pipeline(steps).run(make_batch(a=["1", "2"]))
+    assert result.violations.num_rows == 0
+    assert result.violations.schema.names == ["rule", "_source_ref"]
