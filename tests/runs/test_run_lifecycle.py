@@ -240,3 +240,19 @@ def test_run_list_rows_equal_the_list_serializer(api, pipeline, sent):
         assert got == expected
     assert listed[ended.pk]["rejected_ratio"] == 0.3
     assert listed[ended.pk]["duration_seconds"] == 12.346
+
+
+def test_run_list_filters_apply_and_bad_values_are_400(api, pipeline, sent):
+    from integration.models import Run
+
+    first = services.start_run(pipeline.pk, kind="replay")
+    second = services.start_run(pipeline.pk, kind="replay")
+    Run.objects.filter(pk=second.pk).update(state="failed")
+    assert api.get("/api/v1/runs/").json()["count"] == 2
+    failed = api.get("/api/v1/runs/?state=failed").json()["results"]
+    assert [r["id"] for r in failed] == [second.pk]
+    queued = api.get(f"/api/v1/runs/?pipeline={pipeline.name}&state=queued").json()
+    assert [r["id"] for r in queued["results"]] == [first.pk]
+    response = api.get("/api/v1/runs/?state=nonsense")
+    assert response.status_code == 400
+    assert "state" in response.json()
