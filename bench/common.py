@@ -158,6 +158,11 @@ def service_env(db: BenchDatabase, rds: BenchRedis, **extra: str) -> dict[str, s
         "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
         "DIS_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
         "DJANGO_SECURE_SSL_REDIRECT": "false",
+        # The bench's PostgreSQL is on loopback, which production refuses unless
+        # allow-listed (docs/operations.md, network allow-lists).
+        "DIS_DATA_ALLOWED_NETWORKS": os.environ.get(
+            "DIS_DATA_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128"
+        ),
         "DIS_LOCAL_DIR": str(RESULTS_DIR / ".local"),
         "PYTHONUNBUFFERED": "1",
         **extra,
