@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from connectors.base import SOURCE_REF_COLUMN
+from connectors.plugins.jsonrows import ARROW_ERRORS, read_json_isolating, to_dates
 
 RECORD_COLUMN = "record"
 READ_ERROR_COLUMN = "_read_error"
@@ -40,8 +41,6 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     "timestamptz": pa.timestamp("us", tz="UTC"),
 }
 RESERVED_NAMES = (RECORD_COLUMN, SOURCE_REF_COLUMN, READ_ERROR_COLUMN, RAW_COLUMN)
-
-_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
 
 
 def json_field(name: str) -> pa.Field:
@@ -133,7 +132,7 @@ def decode_json(
             else pa.nulls(n, schema.field(name).type)
         )
         if kind == "date":
-            column = _to_dates(name, column, errors)
+            column = to_dates(name, column, errors)
         typed.append(column)
     record = strings.cast(pa.string()) if n else pa.array([], pa.string())
     bad = [i for i, e in enumerate(errors) if e is not None]
@@ -203,7 +202,7 @@ def _read_lines(strings: pa.Array, schema: pa.Schema) -> pa.Table | None:
                 explicit_schema=schema, unexpected_field_behavior="ignore"
             ),
         )
-    except _ARROW_ERRORS:
+    except ARROW_ERRORS:
         return None
 
 
@@ -227,51 +226,12 @@ def _isolate(
             objects.append((i, text))
         elif fields:
             errors[i] = f"expected a JSON object, got {_json_type(parsed)}"
-    table = _read_isolating(objects, schema, errors)
+    lines = [(i, t.replace("\n", " ").replace("\r", " ").encode()) for i, t in objects]
+    table = read_json_isolating(lines, schema, errors)
     # Records that are valid JSON but not objects (no declared fields) have no row
     # in `table`: they keep NULL typed columns (there are none).
     good = [i for i, _ in objects if errors[i] is None]
     return good, table
-
-
-def _read_isolating(
-    objects: list[tuple[int, str]], schema: pa.Schema, errors: list[str | None]
-) -> pa.Table:
-    """Parse the objects, halving the input around failures to isolate bad ones."""
-    if not objects:
-        return schema.empty_table()
-    lines = "\n".join(t.replace("\n", " ").replace("\r", " ") for _, t in objects)
-    try:
-        table = pajson.read_json(
-            pa.py_buffer(lines.encode()),
-            parse_options=pajson.ParseOptions(
-                explicit_schema=schema, unexpected_field_behavior="ignore"
-            ),
-        )
-        if table.num_rows == len(objects):
-            return table
-        failure = f"expected one JSON object, found {table.num_rows}"
-    except _ARROW_ERRORS as exc:
-        failure = str(exc).removeprefix("JSON parse error: ")
-    if len(objects) == 1:
-        errors[objects[0][0]] = f"invalid JSON value: {failure}"
-        return schema.empty_table()
-    half = len(objects) // 2
-    left = _read_isolating(objects[:half], schema, errors)
-    right = _read_isolating(objects[half:], schema, errors)
-    return pa.concat_tables([left, right])
-
-
-def _to_dates(name: str, column: pa.Array, errors: list[str | None]) -> pa.Array:
-    """`YYYY-MM-DD` strings to dates; another text is that row's error."""
-    parsed = pc.strptime(column, format="%Y-%m-%d", unit="s", error_is_null=True)
-    failed = pc.and_(pc.is_valid(column), pc.is_null(parsed))
-    for i in np.flatnonzero(failed.to_numpy(zero_copy_only=False)).tolist():
-        if errors[i] is None:
-            errors[i] = (
-                f"field {name!r}: {column[i].as_py()!r} is not a YYYY-MM-DD date"
-            )
-    return parsed.cast(pa.date32())
 
 
 def _json_type(value: Any) -> str:

@@ -26,6 +26,7 @@ import pyarrow.json as pajson
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 from connectors.base import SOURCE_REF_COLUMN
+from connectors.plugins.jsonrows import ARROW_ERRORS, read_json_isolating, to_dates
 from connectors.plugins.sql.common import JSON_METADATA_KEY, JSON_METADATA_VALUE
 
 KEY_COLUMN = "key"
@@ -69,7 +70,6 @@ FIELD_TYPES: dict[str, pa.DataType] = {
 _JSON_FIELD = pa.field(
     "", pa.string(), metadata={JSON_METADATA_KEY: JSON_METADATA_VALUE}
 )
-_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
 
 
 def json_field(name: str) -> pa.Field:
@@ -336,7 +336,7 @@ def _decode_json(
             for i, line in zip(good, good_lines, strict=True)
             if line.lstrip().startswith(b"{")
         ]
-        table = _read_json_isolating(objects, schema, errors)
+        table = read_json_isolating(objects, schema, errors)
         good = [i for i, _ in objects if errors[i] is None]
     positions = np.full(n, -1, dtype=np.int64)
     positions[good] = np.arange(len(good))
@@ -350,7 +350,7 @@ def _decode_json(
         )
         column = column.take(take) if len(column) else pa.nulls(n, column.type)
         if kind == "date":
-            column = _to_dates(name, column, errors)
+            column = to_dates(name, column, errors)
         typed[name] = column
     record = _strings(values)
     if not pa.types.is_string(record.type):  # pragma: no cover - _strings guarantees
@@ -370,52 +370,8 @@ def _read_json_lines(lines: list[bytes], schema: pa.Schema) -> pa.Table | None:
                 explicit_schema=schema, unexpected_field_behavior="ignore"
             ),
         )
-    except _ARROW_ERRORS:
+    except ARROW_ERRORS:
         return None
-
-
-def _read_json_isolating(
-    objects: list[tuple[int, bytes]], schema: pa.Schema, errors: list[str | None]
-) -> pa.Table:
-    """Parse the objects, halving the input around failures to isolate bad ones.
-
-    A message whose field has the wrong JSON type (a string where an integer is
-    declared) gets an error; the others are parsed exactly as on the fast path.
-    """
-    if not objects:
-        return schema.empty_table()
-    lines = [line for _, line in objects]
-    try:
-        table = pajson.read_json(
-            pa.py_buffer(b"\n".join(lines)),
-            parse_options=pajson.ParseOptions(
-                explicit_schema=schema, unexpected_field_behavior="ignore"
-            ),
-        )
-        if table.num_rows == len(lines):
-            return table
-        failure = f"expected one JSON object, found {table.num_rows}"
-    except _ARROW_ERRORS as exc:
-        failure = str(exc).removeprefix("JSON parse error: ")
-    if len(objects) == 1:
-        errors[objects[0][0]] = f"invalid JSON value: {failure}"
-        return schema.empty_table()
-    half = len(objects) // 2
-    left = _read_json_isolating(objects[:half], schema, errors)
-    right = _read_json_isolating(objects[half:], schema, errors)
-    return pa.concat_tables([left, right])
-
-
-def _to_dates(name: str, column: pa.Array, errors: list[str | None]) -> pa.Array:
-    """`YYYY-MM-DD` strings to dates; another text is that row's error."""
-    parsed = pc.strptime(column, format="%Y-%m-%d", unit="s", error_is_null=True)
-    failed = pc.and_(pc.is_valid(column), pc.is_null(parsed))
-    for i in np.flatnonzero(failed.to_numpy(zero_copy_only=False)).tolist():
-        if errors[i] is None:
-            errors[i] = (
-                f"field {name!r}: {column[i].as_py()!r} is not a YYYY-MM-DD date"
-            )
-    return parsed.cast(pa.date32())
 
 
 def _decode_avro(
@@ -462,13 +418,13 @@ def _typed_array(
     """Python values as one Arrow array; a value that does not convert is an error."""
     try:
         return pa.array(values, arrow_type)
-    except (*_ARROW_ERRORS, OverflowError):
+    except (*ARROW_ERRORS, OverflowError):
         pass
     converted: list[Any] = []
     for i, value in enumerate(values):
         try:
             pa.array([value], arrow_type)
-        except (*_ARROW_ERRORS, OverflowError):
+        except (*ARROW_ERRORS, OverflowError):
             if errors[i] is None:
                 errors[i] = f"field {name!r}: {value!r} is not a {arrow_type}"
             value = None
