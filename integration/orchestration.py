@@ -1,7 +1,9 @@
 """The only place Celery chains are built and sent.
 
-A chunk is one chain of immutable signatures: extract -> transform -> load. Each
-step passes a reference (the staged batch key is derived from run, chunk and attempt
+A chunk is one task, `process_chunk` (extract, transform and load with the batch in
+memory), or, when its load must wait for the chunks before it (run-wide keys), one
+chain of immutable signatures: extract -> transform -> load. Each step of a chain
+passes a reference (the staged batch key is derived from run, chunk and attempt
 token), never a payload, and never waits on another task's result.
 """
 
@@ -41,15 +43,23 @@ def chunk_chain(run_id: int, seq: int, token: str) -> chain:
     )
 
 
-def send_chunk(run_id: int, seq: int, token: str, correlation_id: str) -> list[str]:
-    """Send a chunk's chain once the current transaction commits.
+def send_chunk(
+    run_id: int, seq: int, token: str, correlation_id: str, *, fused: bool = False
+) -> list[str]:
+    """Send a chunk's task (`fused`) or chain once the current transaction commits.
 
     Returns:
-        The ids of its three tasks (fixed now), so a cancel can revoke them.
+        The ids of its tasks (fixed now), so a cancel can revoke them.
     """
-    sig = chunk_chain(run_id, seq, token)
-    sig.freeze()
-    ids = [task.id for task in sig.tasks]
+    if fused:
+        sig = signature(
+            "integration.process_chunk", args=(run_id, seq, token), immutable=True
+        )
+        ids = [sig.freeze().id]
+    else:
+        sig = chunk_chain(run_id, seq, token)
+        sig.freeze()
+        ids = [task.id for task in sig.tasks]
     transaction.on_commit(lambda: publish(sig, _headers(correlation_id)))
     return ids
 

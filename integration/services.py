@@ -338,6 +338,19 @@ def _loads_descending(run_id: int) -> bool:
     return runkeys.load_order(scopes) == runkeys.DESCENDING
 
 
+def _fused(run_id: int) -> bool:
+    """Whether the run's chunks go as one `process_chunk` task each: when
+    `DIS_FUSE_CHUNK_STEPS` is on and no chunk's load waits for the chunks before
+    it (run-wide keys load in order, through the chain's `load_chunk`)."""
+    from integration import runkeys, runtime
+
+    if not settings.DIS_FUSE_CHUNK_STEPS:
+        return False
+    version_id = Run.objects.values_list("version_id", flat=True).get(pk=run_id)
+    scopes = runtime.compiled_version(version_id).key_scopes
+    return runkeys.load_order(scopes) is None
+
+
 def dispatch_chunks(run_id: int, limit: int, correlation_id: str) -> int:
     """Claim up to `limit` pending chunks (lowest seq first; highest first when the
     run loads last to first) and send their chains.
@@ -347,6 +360,7 @@ def dispatch_chunks(run_id: int, limit: int, correlation_id: str) -> int:
     """
     sent = 0
     first = "-seq" if _loads_descending(run_id) else "seq"
+    fused = _fused(run_id)
     while sent < limit:
         if not Run.objects.filter(pk=run_id, state=RunState.RUNNING).exists():
             break
@@ -371,7 +385,7 @@ def dispatch_chunks(run_id: int, limit: int, correlation_id: str) -> int:
         )
         if claimed:
             ids = orchestration.send_chunk(
-                run_id, candidate, str(token), correlation_id
+                run_id, candidate, str(token), correlation_id, fused=fused
             )
             ChunkRun.objects.filter(run_id=run_id, seq=candidate).update(
                 task_ids=ids or []
@@ -734,7 +748,9 @@ def restart_chunk(run_id: int, seq: int, token: str, reason: str) -> bool:
         )
         if updated:
             cid = Run.objects.values_list("correlation_id", flat=True).get(pk=run_id)
-            ids = orchestration.send_chunk(run_id, seq, str(new_token), cid)
+            ids = orchestration.send_chunk(
+                run_id, seq, str(new_token), cid, fused=_fused(run_id)
+            )
             ChunkRun.objects.filter(run_id=run_id, seq=seq).update(task_ids=ids or [])
     logger.warning("chunk_restarted", run_id=run_id, chunk_seq=seq, reason=reason)
     return bool(updated)

@@ -99,22 +99,7 @@ def extract_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     )
     if attempt is None:
         return
-    from connectors.base import Chunk
-
-    if "dead_letter_ids" in attempt.chunk_spec:  # a replay run reads dead letters
-        table = services.replay_table(attempt.chunk_spec)
-    else:
-        spec = attempt.version_spec["source"]
-        source = runtime.open_source(spec["connector"])
-        try:
-            chunk = Chunk(seq, attempt.chunk_spec)
-            batches = list(source.read(attempt.source_options, chunk))
-        finally:
-            source.close()
-        table = pa.Table.from_batches(batches) if batches else pa.table({})
-    table, found = drift.check_chunk(run_id, seq, attempt.version_spec, table)
-    if found is not None:
-        services.record_chunk_stats(run_id, seq, token, {"drift": found.stats()})
+    table = _extract(attempt)
     size = staging.stage().put(_key(attempt, "extract"), table)
     logger.info("chunk_extracted", rows=table.num_rows, staged_bytes=size)
 
@@ -133,6 +118,81 @@ def transform_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
     if table is None:
         services.restart_chunk(run_id, seq, token, "extracted batch missing")
         return
+    done = _transform(attempt, table)
+    _stage_transformed(attempt, done)
+    stage.delete(_key(attempt, "extract"))
+
+
+@shared_task(
+    name="integration.process_chunk", base=RunTask, bind=True, **_RETRY, **_LIMITS
+)
+def process_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
+    """Extract, transform and load a chunk in one task, the batch held in memory.
+
+    Sent instead of the three-task chain when the chunk's load waits for no other
+    chunk (no run-wide keys): it saves staging the batch twice and two task hand-
+    overs. A transient failure of the load stages the transformed batch and sends
+    `load_chunk` to retry it, so a retried load never re-reads the source; a
+    transient failure before that retries this task (extract again). The whole
+    task is one step (`process`) for crash counting.
+    """
+    attempt = services.begin_attempt(
+        run_id,
+        seq,
+        token,
+        step="process",
+        task_id=self.request.id or "",
+        mark_running=True,
+    )
+    if attempt is None:
+        return
+    table = _extract(attempt)
+    logger.info("chunk_extracted", rows=table.num_rows, staged_bytes=0)
+    done = _transform(attempt, table)
+    del table
+    try:
+        _load(attempt, done.output, done.rejected, done.inputs, done.counts())
+    except TransientError as exc:
+        _stage_transformed(attempt, done)
+        countdown = _RETRY["retry_backoff"] * random.uniform(1, 1.5)  # noqa: S311
+        logger.warning(
+            "chunk_load_deferred",
+            error_class=type(exc).__name__,
+            countdown=round(countdown, 1),
+        )
+        orchestration.send_load(
+            run_id, seq, token, attempt.correlation_id, countdown=countdown
+        )
+
+
+def _extract(attempt: services.Attempt) -> pa.Table:
+    """The chunk's rows as read from its source (or its dead letters, for a replay),
+    after the schema-drift check."""
+    from connectors.base import Chunk
+
+    if "dead_letter_ids" in attempt.chunk_spec:  # a replay run reads dead letters
+        table = services.replay_table(attempt.chunk_spec)
+    else:
+        spec = attempt.version_spec["source"]
+        source = runtime.open_source(spec["connector"])
+        try:
+            chunk = Chunk(attempt.seq, attempt.chunk_spec)
+            batches = list(source.read(attempt.source_options, chunk))
+        finally:
+            source.close()
+        table = pa.Table.from_batches(batches) if batches else pa.table({})
+    table, found = drift.check_chunk(
+        attempt.run_id, attempt.seq, attempt.version_spec, table
+    )
+    if found is not None:
+        services.record_chunk_stats(
+            attempt.run_id, attempt.seq, attempt.token, {"drift": found.stats()}
+        )
+    return table
+
+
+def _transform(attempt: services.Attempt, table: pa.Table) -> Transformed:
+    """Run the version's steps over an extracted chunk; records its quality stats."""
     references, stats = {}, {}
     needed = runtime.compiled_version(attempt.version_id).references
     if needed:
@@ -142,20 +202,11 @@ def transform_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
             attempt.version_spec, needed
         )
     done = transform_table(attempt.version_id, table, references=references)
+    done.rows_in = table.num_rows
     if done.rejected.num_rows:
         stats["quality"] = services.chunk_quality(done.violations, done.rejected)
     if stats:
-        services.record_chunk_stats(run_id, seq, token, stats)
-    meta = {
-        b"dis.rows_in": str(table.num_rows).encode(),
-        b"dis.filtered": str(done.filtered).encode(),
-        b"dis.deduplicated": str(done.deduplicated).encode(),
-    }
-    stage.put(_key(attempt, "output"), done.output.replace_schema_metadata(meta))
-    stage.put(_key(attempt, "rejected"), done.rejected)
-    if done.inputs is not None:
-        stage.put(_key(attempt, "inputs"), done.inputs)
-    stage.delete(_key(attempt, "extract"))
+        services.record_chunk_stats(attempt.run_id, attempt.seq, attempt.token, stats)
     logger.info(
         "chunk_transformed",
         rows_in=table.num_rows,
@@ -164,6 +215,21 @@ def transform_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
         filtered=done.filtered,
         deduplicated=done.deduplicated,
     )
+    return done
+
+
+def _stage_transformed(attempt: services.Attempt, done: Transformed) -> None:
+    """Stage a transformed chunk for `load_chunk` (its counts in the metadata)."""
+    stage = staging.stage()
+    meta = {
+        b"dis.rows_in": str(done.rows_in).encode(),
+        b"dis.filtered": str(done.filtered).encode(),
+        b"dis.deduplicated": str(done.deduplicated).encode(),
+    }
+    stage.put(_key(attempt, "output"), done.output.replace_schema_metadata(meta))
+    stage.put(_key(attempt, "rejected"), done.rejected)
+    if done.inputs is not None:
+        stage.put(_key(attempt, "inputs"), done.inputs)
 
 
 @dataclass
@@ -187,6 +253,17 @@ class Transformed:
     deduplicated: int = 0
     inputs: pa.Table | None = None
     violations: pa.Table | None = None
+    rows_in: int = 0
+
+    def counts(self) -> services.ChunkCounts:
+        """The chunk's counts before the load (written is the sink's to say)."""
+        return services.ChunkCounts(
+            read=self.rows_in,
+            written=0,
+            rejected=0,
+            filtered=self.filtered,
+            deduplicated=self.deduplicated,
+        )
 
 
 def transform_table(
@@ -281,10 +358,32 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
         services.restart_chunk(run_id, seq, token, "transformed batch missing")
         return
     meta = output.schema.metadata or {}
-    rows_in = int(meta.get(b"dis.rows_in", b"0"))
-    filtered = int(meta.get(b"dis.filtered", b"0"))
-    deduplicated = int(meta.get(b"dis.deduplicated", b"0"))
+    before = services.ChunkCounts(
+        read=int(meta.get(b"dis.rows_in", b"0")),
+        written=0,
+        rejected=0,
+        filtered=int(meta.get(b"dis.filtered", b"0")),
+        deduplicated=int(meta.get(b"dis.deduplicated", b"0")),
+    )
     output = output.replace_schema_metadata(None)
+    _load(attempt, output, rejected, inputs, before)
+    stage.delete(*keys)
+
+
+def _load(
+    attempt: services.Attempt,
+    output: pa.Table,
+    rejected: pa.Table,
+    inputs: pa.Table | None,
+    before: services.ChunkCounts,
+) -> None:
+    """Claim run-wide keys, apply the error policy, write the sink and complete the
+    chunk. `before` holds the counts of extract and transform."""
+    run_id, seq, token = attempt.run_id, attempt.seq, attempt.token
+    compiled = runtime.compiled_version(attempt.version_id)
+    scopes = compiled.key_scopes
+    rows_in, filtered = before.read, before.filtered
+    deduplicated = before.deduplicated
     rejected, held = runkeys.detach_held(rejected)
     if scopes:
         started = time.perf_counter()
@@ -307,14 +406,12 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
                 [rejected, claimed.rejected], promote_options="permissive"
             )
     if not services.admit_chunk(attempt, read=rows_in, rejected=rejected):
-        stage.delete(*keys)
         return
     if compiled.is_aggregate:
         # Partial aggregates wait in the database; finalize merges and writes them.
         counts = services.ChunkCounts(rows_in, 0, rejected.num_rows, filtered)
         partial = staging.to_ipc(output)
         services.complete_chunk(attempt, counts, rejected, partial=partial)
-        stage.delete(*keys)
         return
     spec = attempt.version_spec["sink"]
     sink = runtime.open_sink(spec["connector"])
@@ -347,7 +444,6 @@ def load_chunk(self: Task, run_id: int, seq: int, token: str) -> None:
         deduplicated=deduplicated,
     )
     services.complete_chunk(attempt, counts, rejected)
-    stage.delete(*keys)
 
 
 def _my_turn(attempt: services.Attempt, order: str | None) -> bool:

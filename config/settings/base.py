@@ -228,6 +228,7 @@ CELERY_TASK_ROUTES = {
     "integration.extract_chunk": {"queue": "io"},
     "integration.transform_chunk": {"queue": "cpu"},
     "integration.load_chunk": {"queue": "io"},
+    "integration.process_chunk": {"queue": "cpu"},
 }
 CELERY_WORKER_QUEUES = "control,io,cpu"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
@@ -263,6 +264,10 @@ DIS_STAGING_TTL_SECONDS = env.int("DIS_STAGING_TTL_SECONDS", default=24 * 3600)
 DIS_STAGING_PREFIX = env.str("DIS_STAGING_PREFIX", default="dis:stage")
 DIS_DEFAULT_CHUNK_ROWS = env.int("DIS_DEFAULT_CHUNK_ROWS", default=50_000)
 DIS_DEFAULT_WINDOW = env.int("DIS_DEFAULT_WINDOW", default=4)
+#: Run a chunk's extract, transform and load in one task (`process_chunk`) when
+#: its load waits for no other chunk; false: always the three-task chain, staging
+#: the batch between the tasks.
+DIS_FUSE_CHUNK_STEPS = env.bool("DIS_FUSE_CHUNK_STEPS", default=True)
 #: A chunk whose task killed its worker this many times is quarantined.
 DIS_MAX_CHUNK_CRASHES = env.int("DIS_MAX_CHUNK_CRASHES", default=3)
 #: A chunk of a pipeline whose chunks load in order (deduplicate, unique rules) is

@@ -34,7 +34,7 @@ def sent(monkeypatch) -> list[tuple]:
     calls: list[tuple] = []
     for name in ("send_plan", "send_chunk", "send_finalize"):
         monkeypatch.setattr(
-            orchestration, name, lambda *a, _n=name: calls.append((_n, *a))
+            orchestration, name, lambda *a, _n=name, **_: calls.append((_n, *a))
         )
     return calls
 

@@ -72,14 +72,14 @@ def test_sigkill_pool_child_during_write_loses_and_duplicates_nothing(
     )
     assert run.chunks_done == run.chunks_total == ROWS // 10
     assert sink_db.missing_and_duplicates(table, ROWS) == (0, 0)
-    # The same attempt (no reconciler resend) ran the load again, and the killed
-    # load was counted as a crash of that step.
+    # The same attempt (no reconciler resend) ran the chunk's task again, and the
+    # killed write was counted as a crash of that step (one `process_chunk` task).
     chunk = ChunkRun.objects.get(run=run, seq=PAUSED_CHUNK)
     assert (chunk.state, chunk.attempts, chunk.crashes, chunk.step) == (
         "done",
         1,
         1,
-        "load",
+        "process",
     )
     # The main process survived and replaced its child.
     assert worker.proc.poll() is None

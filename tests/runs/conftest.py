@@ -50,7 +50,9 @@ def sent(monkeypatch):
             orchestration, name, lambda *a, _label=label: calls.append((_label, *a))
         )
 
-    def send_chunk(run_id: int, seq: int, token: str, cid: str) -> list[str]:
+    def send_chunk(
+        run_id: int, seq: int, token: str, cid: str, *, fused: bool = False
+    ) -> list[str]:
         calls.append(("chunk", run_id, seq, token, cid))
         return [f"{token}-{step}" for step in ("extract", "transform", "load")]
 

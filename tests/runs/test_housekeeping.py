@@ -230,7 +230,7 @@ def test_chunk_that_kills_its_worker_is_quarantined(
     assert states == {0: "done", 1: "quarantined", 2: "done", 3: "done"}
     (letter,) = DeadLetter.objects.filter(run=bad_run, error_class="quarantine")
     assert letter.step == "chunk"
-    assert "killed its worker 3 times during extract" in letter.error
+    assert "killed its worker 3 times during process" in letter.error
 
 
 @pytest.mark.e2e

@@ -240,3 +240,8 @@ def test_replay_creates_a_replay_run(api, letters, sent):
 def test_send_chunk_fixes_the_ids_of_its_three_tasks():
     ids = orchestration.send_chunk(1, 0, "token", "cid")
     assert len(ids) == len(set(ids)) == 3
+
+
+@pytest.mark.django_db
+def test_send_chunk_fused_is_one_task_to_revoke():
+    assert len(orchestration.send_chunk(1, 0, "token", "cid", fused=True)) == 1

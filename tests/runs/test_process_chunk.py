@@ -1,0 +1,163 @@
+"""`process_chunk`: a chunk's extract, transform and load in one task, the batch in
+memory; a transient load failure hands the transformed batch to `load_chunk`.
+
+The task bodies run in this process through Celery's tracer (`apply`), on
+PostgreSQL; the broker is replaced by a recorder.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from connectors.exceptions import TransientError
+from connectors.plugins.sql.postgres import PostgresSink
+from integration import orchestration, services, staging, tasks
+from integration.models import ChunkRun, Pipeline
+from tests.helpers import unique
+from tests.runs.test_chunk_attempts import STEPS, rows
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def planned(pg_sink, sent):
+    """A planned run of 1,000 generated rows in 2 chunks of 500."""
+    from connectors.models import Connector
+
+    source = Connector.objects.create(
+        name=unique("gen"), kind="generator", config={"rows": 1000}
+    )
+    table = pg_sink.new_table()
+    pipeline = Pipeline.objects.create(
+        name=unique("p"),
+        source=source,
+        sink=pg_sink,
+        steps=STEPS,
+        sink_options={"table": table},
+        chunk_rows=500,
+        max_in_flight=2,
+    )
+    services.freeze_version(pipeline)
+    run = services.start_run(pipeline.pk)
+    services.plan_run(run.pk)
+    chunks = {c.seq: str(c.attempt_token) for c in ChunkRun.objects.filter(run=run)}
+    return run, table, chunks
+
+
+def staged(run_id: int, seq: int, token: str) -> list[str]:
+    stage = staging.stage()
+    return [
+        part
+        for part in ("extract", "output", "rejected", "inputs")
+        if stage.get(staging.key(run_id, seq, token, part)) is not None
+    ]
+
+
+@pytest.fixture
+def source_reads(monkeypatch) -> list[int]:
+    """The seq of every chunk the generator source reads."""
+    from connectors.registry import get_plugin
+
+    source_class = get_plugin("generator").source_class
+    original = source_class.read
+    reads: list[int] = []
+
+    def read(self, options, chunk):
+        reads.append(chunk.seq)
+        return original(self, options, chunk)
+
+    monkeypatch.setattr(source_class, "read", read)
+    return reads
+
+
+def test_a_chunk_runs_in_one_task_without_staging(planned, pg_sink, source_reads):
+    run, table, tokens = planned
+    tasks.process_chunk.apply(args=(run.pk, 0, tokens[0])).get()
+
+    assert rows(pg_sink, table) == (500, 500, sum(range(1, 501)))
+    assert source_reads == [0]
+    assert staged(run.pk, 0, tokens[0]) == []
+    chunk = ChunkRun.objects.get(run=run, seq=0)
+    assert (chunk.state, chunk.step, chunk.step_open, chunk.crashes) == (
+        "done",
+        "process",
+        False,
+        0,
+    )
+    run.refresh_from_db()
+    assert (run.records_read, run.records_written, run.chunks_done) == (500, 500, 1)
+
+
+def test_a_redelivered_process_chunk_changes_nothing(planned, pg_sink):
+    run, table, tokens = planned
+    for _ in range(2):
+        tasks.process_chunk.apply(args=(run.pk, 1, tokens[1])).get()
+    assert rows(pg_sink, table) == (500, 500, sum(range(501, 1001)))
+    run.refresh_from_db()
+    assert (run.records_read, run.records_written, run.chunks_done) == (500, 500, 1)
+
+
+def test_a_transient_load_failure_is_retried_by_load_chunk_without_reading_again(
+    planned, pg_sink, source_reads, monkeypatch
+):
+    run, table, tokens = planned
+    token = tokens[0]
+    original = PostgresSink.write
+    failures = []
+
+    def write(self, *args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise TransientError("connection reset")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PostgresSink, "write", write)
+    loads: list[tuple] = []
+    monkeypatch.setattr(
+        orchestration,
+        "send_load",
+        lambda *args, countdown: loads.append((*args, countdown)),
+    )
+
+    tasks.process_chunk.apply(args=(run.pk, 0, token)).get()
+
+    # Nothing written, the transformed batch staged, a delayed load_chunk sent.
+    assert rows(pg_sink, table) == (0, 0, None)
+    assert staged(run.pk, 0, token) == ["output", "rejected"]
+    [(run_id, seq, sent_token, _cid, countdown)] = loads
+    assert (run_id, seq, sent_token) == (run.pk, 0, token)
+    assert countdown > 0
+    assert ChunkRun.objects.get(run=run, seq=0).state == "running"
+
+    tasks.load_chunk.apply(args=(run.pk, 0, token)).get()
+
+    assert rows(pg_sink, table) == (500, 500, sum(range(1, 501)))
+    assert source_reads == [0]  # the retry loaded the staged batch
+    assert staged(run.pk, 0, token) == []
+    run.refresh_from_db()
+    assert (run.records_read, run.records_written, run.chunks_done) == (500, 500, 1)
+
+
+def test_chunks_are_fused_unless_disabled_or_their_loads_wait_in_order(
+    planned, settings, pg_sink
+):
+    run, _table, _tokens = planned
+    assert services._fused(run.pk) is True
+    settings.DIS_FUSE_CHUNK_STEPS = False
+    assert services._fused(run.pk) is False
+    settings.DIS_FUSE_CHUNK_STEPS = True
+
+    from connectors.models import Connector
+
+    dedupe = Pipeline.objects.create(
+        name=unique("p"),
+        source=Connector.objects.create(
+            name=unique("gen"), kind="generator", config={"rows": 10}
+        ),
+        sink=pg_sink,
+        steps=[*STEPS, {"type": "deduplicate", "key": ["id"], "keep": "first"}],
+        sink_options={"table": pg_sink.new_table()},
+        chunk_rows=5,
+    )
+    services.freeze_version(dedupe)
+    assert services._fused(services.start_run(dedupe.pk).pk) is False
