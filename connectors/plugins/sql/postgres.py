@@ -132,11 +132,12 @@ _SIMPLE_TYPES = (
 def csv_ready(table: pa.Table) -> pa.Table:
     """Cast the columns Arrow's CSV writer or COPY cannot take as they are.
 
-    Dictionaries are decoded, JSON extension arrays become their strings, float16
-    becomes float32, date64 becomes date32, and nanosecond timestamps are truncated
-    to microseconds (PostgreSQL's precision). Timestamps with a time zone become
-    naive UTC wall times: Arrow formats those ~20x faster than zoned ones, and the
-    write transaction sets `TimeZone` to UTC so PostgreSQL reads them as UTC.
+    Dictionaries are decoded, JSON extension arrays and string views become plain
+    strings, float16 becomes float32, date64 becomes date32, and nanosecond
+    timestamps are truncated to microseconds (PostgreSQL's precision). Timestamps
+    with a time zone become naive UTC wall times: Arrow formats those ~20x faster
+    than zoned ones, and the write transaction sets `TimeZone` to UTC so PostgreSQL
+    reads them as UTC (binary COPY sends the same UTC microseconds either way).
     """
     columns = []
     for field, column in zip(table.schema, table.columns, strict=True):
@@ -151,6 +152,8 @@ def csv_ready(table: pa.Table) -> pa.Table:
         elif pa.types.is_timestamp(t) and (t.tz or t.unit == "ns"):
             unit = "us" if t.unit == "ns" else t.unit
             column = column.cast(pa.timestamp(unit), safe=False)  # keeps UTC values
+        elif pa.types.is_string_view(t):  # Arrow's CSV writer cannot take them
+            column = column.cast(pa.string())
         elif t == pa.float16():
             column = column.cast(pa.float32())
         elif pa.types.is_date64(t):
