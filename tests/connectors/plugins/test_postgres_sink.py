@@ -44,6 +44,21 @@ NAIVE = dt.datetime(1969, 12, 31, 23, 59, 59, 5)  # noqa: DTZ001 - a naive colum
 OLD_NAIVE = dt.datetime(1899, 12, 31, 23, 59, 59, 999999)  # noqa: DTZ001 - naive too
 
 
+@pytest.fixture
+def copy_formats(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The FORMAT (`binary` or `csv`) of every COPY the sink runs, in order."""
+    formats: list[str] = []
+    original = psycopg.Cursor.copy
+
+    def copy(self: psycopg.Cursor[Any], statement: Any, *args: Any, **kw: Any) -> Any:
+        text = sql.Composed([statement]).as_string(self.connection)
+        formats.append(text.rsplit("FORMAT ", 1)[1].rstrip(")"))
+        return original(self, statement, *args, **kw)
+
+    monkeypatch.setattr(psycopg.Cursor, "copy", copy)
+    return formats
+
+
 def make_sink(config: dict[str, Any]) -> PostgresSink:
     sink = PostgresPlugin.sink(config)
     assert isinstance(sink, PostgresSink)
@@ -303,12 +318,16 @@ ALL_TYPES = ALL_TYPES.set_column(
 )
 
 
-def test_every_type_round_trips(pg_config: dict[str, Any], pg_schema: str) -> None:
+def test_every_type_round_trips(
+    pg_config: dict[str, Any], pg_schema: str, copy_formats: list[str]
+) -> None:
     sink = make_sink(pg_config)
     options = {"table": "all_types", "schema": pg_schema}
     sink.prepare(options, ALL_TYPES.schema)
 
     sink.write(options, ALL_TYPES, run_id=1, chunk_seq=0, fence=lambda: True)
+
+    assert copy_formats == ["binary"]
 
     columns = dict(
         fetch(
@@ -365,7 +384,7 @@ def test_every_type_round_trips(pg_config: dict[str, Any], pg_schema: str) -> No
 
 
 def test_more_numeric_and_time_types_round_trip(
-    pg_config: dict[str, Any], pg_schema: str
+    pg_config: dict[str, Any], pg_schema: str, copy_formats: list[str]
 ) -> None:
     table = pa.table(
         {
@@ -387,6 +406,8 @@ def test_more_numeric_and_time_types_round_trip(
     sink.prepare(options, table.schema)
 
     sink.write(options, table, run_id=1, chunk_seq=0, fence=lambda: True)
+
+    assert copy_formats == ["csv"]  # uint64 -> numeric(20,0) has no binary path
 
     assert fetch(
         pg_schema, "SELECT t64, t32, d64, f16, u8, u64, ts_ms FROM more ORDER BY 1"
@@ -645,21 +666,6 @@ def test_redact_removes_the_password_and_password_fragments() -> None:
 # -- binary COPY ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def copy_formats(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The FORMAT (`binary` or `csv`) of every COPY the sink runs, in order."""
-    formats: list[str] = []
-    original = psycopg.Cursor.copy
-
-    def copy(self: psycopg.Cursor[Any], statement: Any, *args: Any, **kw: Any) -> Any:
-        text = sql.Composed([statement]).as_string(self.connection)
-        formats.append(text.rsplit("FORMAT ", 1)[1].rstrip(")"))
-        return original(self, statement, *args, **kw)
-
-    monkeypatch.setattr(psycopg.Cursor, "copy", copy)
-    return formats
-
-
 def _oids(**types: str) -> dict[str, int]:
     """Column name -> type OID, for PostgreSQL type names."""
     with pg_connect() as conn:
@@ -826,3 +832,163 @@ def test_every_type_goes_as_binary_and_loads_what_csv_loads(
          "r#1", "1", "0"),
         (None,) * (len(values) - 1) + (None, "1", "0"),
     ]  # fmt: skip
+
+
+def _create(schema: str, table: str, columns: str) -> None:
+    with pg_connect() as conn:
+        conn.execute(
+            sql.SQL("CREATE TABLE {} ({}, _run_id bigint NOT NULL, "
+                    "_chunk_seq bigint NOT NULL, _source_ref text)").format(
+                sql.Identifier(schema, table), sql.SQL(columns)
+            )
+        )  # fmt: skip
+
+
+def test_a_table_with_narrower_types_is_cast_and_stays_binary(
+    pg_config: dict[str, Any], pg_schema: str, copy_formats: list[str]
+) -> None:
+    # Someone else's table: integer/smallint for int64, varchar, char, jsonb for a
+    # plain string, timestamptz for a naive timestamp, bigint for _chunk_seq.
+    _create(pg_schema, "theirs", "i integer, s smallint, v varchar(10), "
+            "c char(3), j jsonb, ts timestamptz")  # fmt: skip
+    batch = pa.table(
+        {
+            "i": pa.array([2**31 - 1, None], pa.int64()),
+            "s": pa.array([-(2**15), None], pa.int64()),
+            "v": ["0123456789", None],
+            "c": ["ab", None],
+            "j": ['{"k": 1}', None],
+            "ts": pa.array([OLD_NAIVE, None], pa.timestamp("us")),
+            SOURCE_REF_COLUMN: ["r#1", "r#2"],
+        }
+    )
+
+    make_sink(pg_config).write({"table": "theirs", "schema": pg_schema}, batch,
+                               run_id=1, chunk_seq=7, fence=lambda: True)  # fmt: skip
+
+    assert copy_formats == ["binary"]
+    assert fetch(pg_schema, "SELECT i, s, v, c, j, ts, _chunk_seq FROM theirs "
+                 "ORDER BY _source_ref") == [
+        (2**31 - 1, -(2**15), "0123456789", "ab ", {"k": 1},
+         OLD_NAIVE.replace(tzinfo=UTC), 7),
+        (None, None, None, None, None, None, 7),
+    ]  # fmt: skip
+
+
+def test_a_table_with_other_types_falls_back_to_csv(
+    pg_config: dict[str, Any], pg_schema: str, copy_formats: list[str]
+) -> None:
+    # numeric for int64, text for a timestamp, double for a decimal, uuid for a
+    # string: binary cannot fill these, CSV (PostgreSQL parsing text) can.
+    _create(pg_schema, "theirs", "n numeric, ts text, d double precision, u uuid, "
+            "i integer")  # fmt: skip
+    batch = pa.table(
+        {
+            "n": pa.array([2**62, None], pa.int64()),
+            "ts": pa.array(
+                [dt.datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=UTC), None],
+                pa.timestamp("us", "UTC"),
+            ),
+            "d": pa.array([decimal.Decimal("1.25"), None], pa.decimal128(5, 2)),
+            "u": ["00000000-0000-0000-0000-000000000001", None],
+            "i": pa.array([1, None], pa.int64()),
+            SOURCE_REF_COLUMN: ["r#1", "r#2"],
+        }
+    )
+
+    make_sink(pg_config).write({"table": "theirs", "schema": pg_schema}, batch,
+                               run_id=1, chunk_seq=0, fence=lambda: True)  # fmt: skip
+
+    assert copy_formats == ["csv"]
+    assert fetch(pg_schema, "SELECT n, ts, d, u::text, i FROM theirs "
+                 "ORDER BY _source_ref") == [
+        (decimal.Decimal(2**62), "2024-01-02 03:04:05.000006", 1.25,
+         "00000000-0000-0000-0000-000000000001", 1),
+        (None, None, None, None, None),
+    ]  # fmt: skip
+
+
+def test_an_integer_too_wide_for_the_column_fails_as_it_did_with_csv(
+    pg_config: dict[str, Any], pg_schema: str, copy_formats: list[str]
+) -> None:
+    _create(pg_schema, "theirs", "i integer")
+    batch = pa.table({"i": pa.array([2**31], pa.int64()), SOURCE_REF_COLUMN: ["r"]})
+
+    sink = make_sink(pg_config)
+
+    with pytest.raises(TerminalError, match="out of range for type integer"):
+        sink.write({"table": "theirs", "schema": pg_schema}, batch, run_id=1,
+                   chunk_seq=0, fence=lambda: True)  # fmt: skip
+    assert copy_formats == ["csv"]
+
+
+def test_upsert_stages_its_chunk_in_binary(
+    pg_config: dict[str, Any], pg_schema: str, copy_formats: list[str]
+) -> None:
+    # The key column is integer (not the bigint prepare would choose): the staging
+    # table copies the target's types, so the cast applies there too.
+    _create(pg_schema, "t", "id integer PRIMARY KEY, name varchar(5), seen timestamptz")
+    options = {"table": "t", "schema": pg_schema, "write_mode": "upsert", "key": "id"}
+    sink = make_sink(pg_config)
+    at = dt.datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+    def batch(rows: list[tuple[int, str | None]]) -> pa.Table:
+        table = keyed([(i, n or "") for i, n in rows])
+        names = pa.array([n for _, n in rows], pa.string())
+        seen = pa.array([at] * len(rows), pa.timestamp("us", "UTC"))
+        return table.set_column(1, "name", names).append_column("seen", seen)
+
+    first = sink.write(options, batch([(1, "a"), (2, "b")]), run_id=1, chunk_seq=0,
+                       fence=lambda: True)  # fmt: skip
+    second = sink.write(options, batch([(2, None), (3, "c"), (2, "bb")]), run_id=2,
+                        chunk_seq=0, fence=lambda: True)  # fmt: skip
+
+    assert copy_formats == ["binary", "binary"]
+    assert (first.details["inserted"], second.details) == (
+        2, {"inserted": 1, "updated": 1, "replaced": 1}
+    )  # fmt: skip
+    assert fetch(pg_schema, "SELECT id, name, seen, _run_id FROM t ORDER BY id") == [
+        (1, "a", at, 1),
+        (2, "bb", at, 2),
+        (3, "c", at, 2),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "format_"),
+    [
+        pytest.param("", "binary", id="binary"),
+        pytest.param(", n numeric", "csv", id="csv"),
+    ],
+)
+def test_a_nul_byte_in_a_string_is_terminal_with_either_format(
+    pg_config: dict[str, Any],
+    pg_schema: str,
+    copy_formats: list[str],
+    extra: str,
+    format_: str,
+) -> None:
+    _create(pg_schema, "t", f"s text{extra}")
+    columns: dict[str, Any] = {"s": ["a\x00b"], SOURCE_REF_COLUMN: ["r"]}
+    if extra:
+        columns["n"] = pa.array([1], pa.int64())
+
+    with pytest.raises(TerminalError, match='encoding "UTF8": 0x00'):
+        make_sink(pg_config).write({"table": "t", "schema": pg_schema},
+                                   pa.table(columns), run_id=1, chunk_seq=0,
+                                   fence=lambda: True)  # fmt: skip
+    assert copy_formats == [format_]
+    assert fetch(pg_schema, "SELECT count(*) FROM t") == [(0,)]
+
+
+def test_a_date_outside_postgresql_range_is_terminal_in_binary(
+    pg_config: dict[str, Any], pg_schema: str, copy_formats: list[str]
+) -> None:
+    batch = pa.table({"d": pa.array([-(2**31)], pa.date32()), SOURCE_REF_COLUMN: ["r"]})
+    sink = make_sink(pg_config)
+    options = {"table": "t", "schema": pg_schema}
+    sink.prepare(options, batch.schema)
+
+    with pytest.raises(TerminalError, match=r"binary COPY into .*days since"):
+        sink.write(options, batch, run_id=1, chunk_seq=0, fence=lambda: True)
+    assert copy_formats == ["binary"]
