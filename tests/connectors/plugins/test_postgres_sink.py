@@ -992,3 +992,25 @@ def test_a_date_outside_postgresql_range_is_terminal_in_binary(
     with pytest.raises(TerminalError, match=r"binary COPY into .*days since"):
         sink.write(options, batch, run_id=1, chunk_seq=0, fence=lambda: True)
     assert copy_formats == ["binary"]
+
+
+def test_large_strings_go_into_jsonb_in_binary(
+    pg_config: dict[str, Any], pg_schema: str, copy_formats: list[str]
+) -> None:
+    _create(pg_schema, "t", "doc jsonb, note text")
+    batch = pa.table(
+        {
+            "doc": pa.array(['{"a": 1}', None], pa.large_string()),
+            "note": pa.array(["n", None], pa.large_string()),
+            SOURCE_REF_COLUMN: ["r#1", "r#2"],
+        }
+    )
+
+    make_sink(pg_config).write({"table": "t", "schema": pg_schema}, batch, run_id=1,
+                               chunk_seq=0, fence=lambda: True)  # fmt: skip
+
+    assert copy_formats == ["binary"]
+    assert fetch(pg_schema, "SELECT doc, note FROM t ORDER BY _source_ref") == [
+        ({"a": 1}, "n"),
+        (None, None),
+    ]
