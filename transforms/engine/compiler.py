@@ -542,8 +542,8 @@ class CompiledPipeline:
         MAX_PRECAST_VARIANTS distinct sets for the schema, a planned subset
         is used.
         """
-        if not self._precast:
-            return {}
+        if not self._precast or table.num_rows == 0:
+            return {}  # an empty batch would plan a set for nothing
         by_name: dict[str, list[pa.Field]] = {}
         for f in table.schema:
             by_name.setdefault(f.name.lower(), []).append(f)

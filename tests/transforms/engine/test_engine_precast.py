@@ -397,3 +397,12 @@ def test_an_aggregate_over_precast_fields_is_unchanged(
         "total": [301, 20],
         "rows": [2, 1],
     }
+
+
+def test_an_empty_batch_takes_no_precast_set(compile_pipeline: Compile) -> None:
+    compiled = compile_pipeline(STEPS)
+
+    result = compiled.run(batch_of({name: [] for name in COLUMNS}))
+
+    assert (result.output.num_rows, result.rejected.num_rows) == (0, 0)
+    assert precast_sets(compiled) == {()}
