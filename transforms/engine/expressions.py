@@ -203,3 +203,20 @@ def expression_columns(expr: str) -> list[str]:
         if ident.name.lower() not in lambda_args:
             seen.setdefault(ident.name.lower(), ident.name)
     return list(seen.values())
+
+
+def bare_column(sql: str) -> str | None:
+    """The column an expression is, when it is nothing but one column
+    reference (``year``, ``"Year"``); None for anything else (``payload.id``,
+    ``(year)``, ``year + 0``).
+
+    Args:
+        sql: an expression as ``check_expression`` returned it.
+
+    Returns:
+        The column name as written (DuckDB resolves it case-insensitively).
+    """
+    tree = sqlglot.parse_one(sql, read="duckdb")
+    if isinstance(tree, exp.Column) and len(tree.parts) == 1:
+        return str(tree.parts[0].name)
+    return None

@@ -27,7 +27,11 @@ import pyarrow as pa
 
 from transforms.engine.connection import first_line
 from transforms.engine.exceptions import InputSchemaError, StepConfigError
-from transforms.engine.expressions import INTERNAL_PREFIX, expression_columns
+from transforms.engine.expressions import (
+    INTERNAL_PREFIX,
+    bare_column,
+    expression_columns,
+)
 from transforms.engine.fieldtypes import FieldType, field_type_of, strict_cast
 from transforms.engine.masking import mask_sql
 from transforms.engine.sql import (
@@ -78,6 +82,9 @@ REF_VALUE = f"{INTERNAL_PREFIX}_ref_value"
 # stood for (its dropped duplicates).
 DEDUPE_KEY = f"{INTERNAL_PREFIX}_dedupe_key"
 DUPES = f"{INTERNAL_PREFIX}_dupes"
+# Hidden companion of an input string column the compiler pre-cast to int64
+# with Arrow (see precast_candidates), suffixed by the column's position.
+PRECAST_PREFIX = f"{INTERNAL_PREFIX}_int_"
 # Stands for a DuckDB error message until the row is diagnosed.
 RAISED_MARK = "the expression raised an error"
 
@@ -394,6 +401,34 @@ class Constants:
         return self._rule(rule, known)
 
 
+def precast_candidates(steps: Sequence[Step]) -> frozenset[str]:
+    """Input columns whose integer fields may read an Arrow pre-cast.
+
+    These are the columns (lower case) the first map step reads as a bare
+    column reference into an ``integer`` field, except those a mask step
+    before it replaces: the only places a raw input value reaches a strict
+    integer cast unchanged. Every other use of the column (other fields,
+    rules, rejected rows) keeps reading the original strings.
+    """
+    masked: set[str] = set()
+    for step in steps:
+        if isinstance(step, MaskStep):
+            masked |= {f.name.lower() for f in step.fields}
+        elif isinstance(step, MapStep):
+            names = (
+                bare_column(f.sql) for f in step.fields if f.type.name == "integer"
+            )
+            return frozenset(
+                n.lower() for n in names if n is not None and n.lower() not in masked
+            )
+    return frozenset()
+
+
+def precast_columns(schema: pa.Schema, names: Sequence[str]) -> dict[str, str]:
+    """Each pre-cast input column (by name) -> its hidden int64 companion."""
+    return {name: f"{PRECAST_PREFIX}{schema.get_field_index(name)}" for name in names}
+
+
 def check_input_schema(schema: pa.Schema) -> None:
     """Refuse a batch without ``_source_ref`` or with reserved column names.
 
@@ -420,6 +455,7 @@ class PlanBuilder:
         *,
         static_schema: pa.Schema | None,
         safe: bool,
+        precast: Mapping[str, str] | None = None,
     ) -> None:
         self.con = con
         self.steps = steps
@@ -427,6 +463,10 @@ class PlanBuilder:
         self.static_schema = static_schema
         self.safe = safe
         self.hidden: list[str] = []
+        # Input column (lower case) -> its int64 companion in the batch; read
+        # by the first map's integer fields that are that bare column.
+        self.precast = {k.lower(): v for k, v in (precast or {}).items()}
+        self.first_map = next((s.index for s in steps if isinstance(s, MapStep)), None)
 
     @property
     def carried(self) -> str:
@@ -558,11 +598,12 @@ class PlanBuilder:
         select: list[str] = []
         for f, r, flag in zip(step.fields, raw, raised, strict=True):
             probe_id = self._add_probe(plan, Probe(step, f.path, f.name, f.sql, prev))
+            sql = self._precast_companion(step, f) or f.sql
             if self.safe:
-                select.append(f"TRY({f.sql}) AS {r}, {_raises(f.sql)} AS {flag}")
+                select.append(f"TRY({sql}) AS {r}, {_raises(sql)} AS {flag}")
                 flags.append((flag, probe_id))
             else:
-                select.append(f"({f.sql}) AS {r}")
+                select.append(f"({sql}) AS {r}")
         selected = ", ".join(select)
         plan.ctes.append(
             Cte(f"{cte}_raw", f"SELECT {selected}, {self.carried} FROM {prev}")
@@ -614,6 +655,19 @@ class PlanBuilder:
         )
         plan.ctes.append(Cte(cte, f"SELECT {_merge('map')} FROM {cte}_checked"))
         self.column_types(plan, cte)
+
+    def _precast_companion(self, step: MapStep, f: MapField) -> str | None:
+        """The int64 companion an integer field of the first map reads instead
+        of its bare input column, when the batch has one: the same values
+        the strict cast would give (every value was ``[+-]?[0-9]+`` in range)."""
+        if not self.precast or step.index != self.first_map:
+            return None
+        if f.type.name != "integer":
+            return None
+        column = bare_column(f.sql)
+        if column is None:
+            return None
+        return self.precast.get(column.lower())
 
     def _add_filter(self, plan: Plan, step: FilterStep) -> None:
         """CTE of a filter: a WHERE that keeps rows already in error."""
