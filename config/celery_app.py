@@ -62,7 +62,9 @@ def _preload(**kwargs: Any) -> None:
     """Import the connector plugins and the reference cache in the worker's main
     process, before it forks its pool: each pool process then starts with them
     loaded instead of paying the imports (DuckDB, Arrow, drivers) on its first
-    task (about 4 % of a 1M-row batch's worker time in bench/profile.py)."""
+    task (about 4 % of a 1M-row batch's worker time in bench/profile.py; the first
+    chunk of each pool process took 1.3 s against 0.5 s for the others, a third of
+    that in pandas' import)."""
     import contextlib
     import importlib
 
@@ -71,6 +73,13 @@ def _preload(**kwargs: Any) -> None:
     for kind in BUILTIN_KINDS:
         with contextlib.suppress(Exception):  # a broken plugin fails its own task
             get_plugin(kind)
-    for module in ("integration.references", "integration.staging"):
+    # pandas: pyarrow imports it on the first pa.array() of a numpy array (~0.2 s);
+    # sqlglot's DuckDB dialect: loaded on the first expression a step parses.
+    for module in (
+        "integration.references",
+        "integration.staging",
+        "pandas",
+        "sqlglot.dialects.duckdb",
+    ):
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
