@@ -66,7 +66,15 @@ def test_sigkill_after_the_claim_loads_each_key_once(
     )
     services.validate_definition(pipeline)
     services.freeze_version(pipeline)
-    worker = worker_factory("pool", concurrency=2, env=FAST_REDELIVERY)
+    # A chunk whose load came before its turn also sent itself a delayed load (the
+    # turn poll). Were that poll (5 s) to arrive before the killed message comes
+    # back (visibility timeout 20 s), it would load the chunk as a new task and the
+    # crash would go uncounted: the poll waits longer than the redelivery here.
+    worker = worker_factory(
+        "pool",
+        concurrency=2,
+        env={**FAST_REDELIVERY, "DIS_LOAD_TURN_POLL_SECONDS": "60"},
+    )
     run = services.start_run(pipeline.pk, correlation_id=unique("corr"))
 
     pid = wait_until(
