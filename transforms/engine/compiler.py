@@ -897,13 +897,32 @@ def _static_rows_schema(steps: Sequence[Step]) -> pa.Schema | None:
     return schema
 
 
+#: Up to this many runs of consecutive rows, `_in_input_order` reorders by
+#: slicing (zero copy) instead of taking every column row by row.
+_MAX_SLICED_RUNS = 16
+
+
 def _in_input_order(result: pa.Table) -> pa.Table:
     """The result sorted by input row id (a join or window may reorder it);
-    unchanged, at the cost of one pass, when already in order."""
+    unchanged, at the cost of one pass, when already in order.
+
+    A hash join usually moves only a block or two of rows (DuckDB emits some
+    rows of a vector late): then the sorted order is a few runs of consecutive
+    rows, put back together from zero-copy slices.
+    """
     rids = result.column(RID).to_numpy()
     if rids.size < 2 or bool(np.all(rids[1:] > rids[:-1])):
         return result
-    return result.take(pa.array(np.argsort(rids, kind="stable")))
+    order = np.argsort(rids, kind="stable")
+    breaks = np.flatnonzero(order[1:] != order[:-1] + 1) + 1
+    if breaks.size >= _MAX_SLICED_RUNS:
+        return result.take(pa.array(order))
+    starts = np.concatenate(([0], breaks))
+    stops = np.concatenate((breaks, [order.size]))
+    return pa.concat_tables(
+        result.slice(int(order[a]), int(b - a))
+        for a, b in zip(starts, stops, strict=True)
+    )
 
 
 def rule_index(steps: Sequence[Step]) -> dict[str, dict[str, Any]]:
@@ -967,11 +986,11 @@ def _rejected(table: pa.Table, bad: pa.Table, failures: list[_Failure]) -> pa.Ta
         )
         order = pc.sort_indices(rids)
         rids, errors, steps = (a.take(order) for a in (rids, errors, steps))
-    return (
-        table.take(rids)
-        .append_column(pa.field(ERROR_COLUMN, pa.string()), errors)
-        .append_column(pa.field(STEP_COLUMN, pa.string()), steps)
-    )
+    # An empty take still copies every column (Arrow concatenates the chunks).
+    picked = table.take(rids) if len(rids) else table.slice(0, 0)
+    return picked.append_column(
+        pa.field(ERROR_COLUMN, pa.string()), errors
+    ).append_column(pa.field(STEP_COLUMN, pa.string()), steps)
 
 
 def _rejected_keys(

@@ -9,6 +9,8 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from transforms.engine import EngineError, StepConfigError, compile_steps
 
@@ -390,3 +392,24 @@ def test_dedupe_key_is_stable_across_processes_and_time_zones() -> None:
     # md5 of "V19:2013-01-01 10:00:00" "V2:UA" "V4:1545" (UTC text, whatever
     # the session zone); NULL is "N".
     assert keys == {"fbbce8bfeb5777fed7368e8ab7c51895,cefa793d63a7fac6d1a05183956fa19e"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 10_000), min_size=2, max_size=300, unique=True),
+    st.lists(st.tuples(st.integers(0, 299), st.integers(0, 299), st.integers(0, 299))),
+)
+def test_rows_a_join_moved_come_back_in_input_order(rids, moves):
+    """`_in_input_order` (slices for a few moved blocks, a take otherwise) gives
+    exactly the rows sorted by row id, whatever the disorder."""
+    from transforms.engine.compiler import RID, _in_input_order
+
+    order = sorted(rids)
+    for a, b, at in moves:  # move blocks, as a hash join does
+        a, b = sorted((a % len(order), b % len(order)))
+        block, rest = order[a:b], order[:a] + order[b:]
+        order = rest[: at % (len(rest) + 1)] + block + rest[at % (len(rest) + 1) :]
+    table = pa.table({RID: pa.array(order, pa.int64()), "v": [str(r) for r in order]})
+    result = _in_input_order(table)
+    assert result.column(RID).to_pylist() == sorted(rids)
+    assert result.column("v").to_pylist() == [str(r) for r in sorted(rids)]
