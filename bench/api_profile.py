@@ -7,7 +7,9 @@ production settings, 200 pipelines, 1000 queued runs, no worker), but no gunicor
 and no wrk: this process calls `config.wsgi.application` (every middleware
 included) with WSGI environs like gunicorn builds them, `--requests` times for
 `GET /api/v1/runs/` and as many `POST /api/v1/pipelines/{id}/runs/` (each with its
-own `Idempotency-Key`, cycling over the pipelines). Per request it reports:
+own `Idempotency-Key`, cycling over the pipelines), in `--rounds` alternating
+rounds, and shows each endpoint's cheapest round (other processes on a shared
+machine only ever add to CPU time). Per request it reports:
 
 - `cpu_ms`: this process's CPU time (`time.process_time`);
 - `pg_ms`: CPU time of the PostgreSQL backends serving this process (utime+stime
@@ -224,6 +226,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=1000, help="per endpoint")
     p.add_argument("--warmup", type=int, default=100, help="per endpoint, unmeasured")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="per endpoint; the cheapest is shown"
+    )
     p.add_argument("--pipelines", type=int, default=200)
     p.add_argument("--seed-runs", type=int, default=1000)
     p.add_argument("--profile", choices=["cprofile", "pyinstrument"])
@@ -272,18 +277,23 @@ def main() -> None:
         return environ("POST", path, token, b"{}", idempotency_key=f"{prefix}-{i}")
 
     redis_pid = _redis_pid()
-    results, profiles = [], []
+    endpoints = (
+        ("GET /api/v1/runs/", get, (200,)),
+        ("POST /api/v1/pipelines/{id}/runs/", post, (202,)),
+    )
+    best: dict[str, dict[str, Any]] = {}
+    profiles = []
     with connection.execute_wrapper(probe):
-        for name, make, expect in (
-            ("GET /api/v1/runs/", get, (200,)),
-            ("POST /api/v1/pipelines/{id}/runs/", post, (202,)),
-        ):
+        for name, make, expect in endpoints:
             prefix = secrets.token_hex(6)
             measure(name, args.warmup, make, application, probe, redis_pid, expect)
-            prefix = secrets.token_hex(6)
-            profiler = new_profiler(args.profile)
-            results.append(
-                measure(
+        # Rounds alternate the endpoints; each keeps its cheapest round: on a
+        # shared machine, other processes only ever add to CPU time.
+        for _ in range(1 if args.profile else args.rounds):
+            for name, make, expect in endpoints:
+                prefix = secrets.token_hex(6)
+                profiler = new_profiler(args.profile)
+                result = measure(
                     name,
                     args.requests,
                     make,
@@ -293,8 +303,10 @@ def main() -> None:
                     expect,
                     profiler,
                 )
-            )
-            profiles.append((name.split()[0].lower(), profiler))
+                if name not in best or result["total_ms"] < best[name]["total_ms"]:
+                    best[name] = result
+                profiles.append((name.split()[0].lower(), profiler))
+    results = list(best.values())
     if args.json:
         print(json.dumps(results, indent=2))
     print(
