@@ -165,7 +165,10 @@ def measure(
     cpu, wall = time.process_time() - started_cpu, time.perf_counter() - started
     if profiler is not None:
         profiler.stop()
-    pg = sum(_proc_cpu_ms(pid) - pg_before.get(pid, 0.0) for pid in probe.backends)
+    # A backend that started while measuring counts whole; one that ended
+    # (`CONN_MAX_AGE` reached: see `connections`) is lost since its last reading.
+    now = {pid: _proc_cpu_ms(pid) for pid in probe.backends}
+    pg = sum(ms - pg_before.get(pid, 0.0) for pid, ms in now.items() if ms)
     redis = (_proc_cpu_ms(redis_pid) - redis_before) if redis_pid else None
     return {
         "endpoint": name,
