@@ -153,6 +153,18 @@ def freeze_version(pipeline: Pipeline) -> PipelineVersion:
 # --- Starting runs ----------------------------------------------------------------
 
 
+#: What `start_run` reads of the pipeline (and of its current version).
+_START_RUN_COLUMNS = (
+    "id",
+    "name",
+    "is_paused",
+    "overlap_policy",
+    "current_version",
+    "current_version__number",
+    "current_version__content_hash",
+)
+
+
 def start_run(
     pipeline_id: int,
     *,
@@ -177,8 +189,15 @@ def start_run(
     cid = correlation_id or correlation.current() or correlation.new_id()
     with transaction.atomic():
         # The row lock serialises run requests of one pipeline, so the key lookup
-        # below cannot race (the unique constraint is the backstop).
-        pipeline = Pipeline.objects.select_for_update().get(pk=pipeline_id)
+        # below cannot race (the unique constraint is the backstop). One query
+        # reads what a run needs: the columns below and the current version's
+        # number and hash (for the caller's answer), not the version's spec.
+        pipeline = (
+            Pipeline.objects.select_for_update(of=("self",))
+            .select_related("current_version")
+            .only(*_START_RUN_COLUMNS)
+            .get(pk=pipeline_id)
+        )
         if idempotency_key:
             existing = Run.objects.filter(
                 pipeline=pipeline, idempotency_key=idempotency_key
@@ -188,11 +207,14 @@ def start_run(
                     raise IdempotencyConflictError(
                         "this Idempotency-Key was used with a different request"
                     )
+                existing.pipeline = pipeline
                 existing.replayed = True
                 return existing
         if pipeline.is_paused:
             raise PipelinePausedError(f"pipeline {pipeline.name} is paused")
-        version = pipeline.current_version or freeze_version(pipeline)
+        version = pipeline.current_version or freeze_version(
+            Pipeline.objects.get(pk=pipeline.pk)
+        )
         if (
             trigger == RunTrigger.SCHEDULE
             and pipeline.overlap_policy == OverlapPolicy.SKIP
