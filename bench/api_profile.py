@@ -202,7 +202,9 @@ def new_profiler(kind: str | None) -> Any:
     if kind == "cprofile":
         import cProfile
 
-        profiler = cProfile.Profile()
+        # CPU time, not wall time: waiting for PostgreSQL or Redis is not counted
+        # (their CPU is `pg_ms`/`redis_ms`), nor time other processes take.
+        profiler = cProfile.Profile(time.process_time)
         profiler.start, profiler.stop = profiler.enable, profiler.disable
         return profiler
     if kind == "pyinstrument":

@@ -150,6 +150,10 @@ REST_KNOX = {
     ),
     "AUTO_REFRESH": False,
 }
+#: A checked API token is remembered this long per process (0: never): a token
+#: deleted (or its user deactivated) in another process keeps working that long
+#: in a process that checked it (config/authentication.py, docs/operations.md).
+API_TOKEN_CACHE_SECONDS = env.float("API_TOKEN_CACHE_SECONDS", default=5.0)
 SPECTACULAR_SETTINGS = {
     "TITLE": "Data Integration Service API",
     "DESCRIPTION": "Job control for pipelines, runs and dead letters.",
