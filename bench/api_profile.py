@@ -18,7 +18,8 @@ machine only ever add to CPU time). Per request it reports:
   using it: indicative only);
 - `queries`: SQL statements through Django's cursors (not counted: BEGIN/COMMIT
   and the `SELECT 1` of `CONN_HEALTH_CHECKS`), and `connections`: database
-  connections opened while measuring (0 when `CONN_MAX_AGE` keeps them).
+  connections opened while measuring (0 when `CONN_MAX_AGE` keeps them);
+- `msgs`: Celery messages that reached the `control` queue in Redis.
 
 CPU time and query counts do not depend on what else runs on the machine, unlike
 wall-clock latency under load. `--profile cprofile` (or `pyinstrument`, if
@@ -149,9 +150,11 @@ def measure(
     redis_pid: int | None,
     expect: tuple[int, ...],
     profiler: Any = None,
+    queued: Callable[[], int] = lambda: 0,
 ) -> dict[str, Any]:
     probe.queries.clear()
     probe.connections = 0
+    queued_before = queued()
     environs = [make(i) for i in range(n)]
     pg_before = {pid: _proc_cpu_ms(pid) for pid in probe.backends}
     redis_before = _proc_cpu_ms(redis_pid) if redis_pid else 0.0
@@ -179,6 +182,7 @@ def measure(
         "redis_ms": round(redis / n, 3) if redis is not None else None,
         "total_ms": round(cpu * 1000 / n + pg / n, 3),
         "queries": round(sum(probe.queries.values()) / n, 2),
+        "messages": round((queued() - queued_before) / n, 2),
         "connections": probe.connections,
         "statements": probe.queries.most_common(),
     }
@@ -307,6 +311,7 @@ def main() -> None:
                     redis_pid,
                     expect,
                     profiler,
+                    lambda: rds.client.llen("control"),
                 )
                 if name not in best or result["total_ms"] < best[name]["total_ms"]:
                     best[name] = result
@@ -316,13 +321,13 @@ def main() -> None:
         print(json.dumps(results, indent=2))
     print(
         f"{'endpoint':36} {'cpu ms':>7} {'pg ms':>6} {'total':>6} {'redis':>6} "
-        f"{'wall ms':>7} {'queries':>7} {'conns':>5}"
+        f"{'wall ms':>7} {'queries':>7} {'conns':>5} {'msgs':>5}"
     )
     for r in results:
         print(
             f"{r['endpoint']:36} {r['cpu_ms']:7.2f} {r['pg_ms']:6.2f} "
             f"{r['total_ms']:6.2f} {r['redis_ms'] or 0:6.2f} {r['wall_ms']:7.2f} "
-            f"{r['queries']:7.2f} {r['connections']:5d}"
+            f"{r['queries']:7.2f} {r['connections']:5d} {r['messages']:5.2f}"
         )
     for r in results:
         print(f"\n{r['endpoint']}: statements (count over {r['requests']} requests)")
