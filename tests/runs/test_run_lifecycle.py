@@ -347,3 +347,23 @@ def test_run_list_filters_apply_and_bad_values_are_400(api, pipeline, sent):
     response = api.get("/api/v1/runs/?state=nonsense")
     assert response.status_code == 400
     assert "state" in response.json()
+
+
+def test_api_start_run_checks_object_permissions_when_there_are_some(
+    api, pipeline, sent, monkeypatch
+):
+    from rest_framework.permissions import BasePermission, IsAuthenticated
+
+    from integration.api.views import PipelineViewSet
+
+    class NotThisPipeline(BasePermission):
+        def has_object_permission(self, request, view, obj):
+            return obj.pk != pipeline.pk
+
+    monkeypatch.setattr(
+        PipelineViewSet, "permission_classes", [IsAuthenticated, NotThisPipeline]
+    )
+    response = api.post(f"/api/v1/pipelines/{pipeline.pk}/runs/", {}, format="json")
+    assert response.status_code == 403
+    assert sent == []
+    assert not Run.objects.filter(pipeline=pipeline).exists()
