@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from config.api import UserRateThrottle
+from config.throttling import UserRateThrottle
 from tests.helpers import unique
 
 
