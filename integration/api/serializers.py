@@ -24,6 +24,7 @@ from integration.models import (
     SchemaChange,
     SchemaChangeProposal,
 )
+from integration.querysets import RUN_LIST_OWN_COLUMNS
 from transforms.choices import PreviewValues
 from transforms.services import MAX_PREVIEW_RECORDS
 
@@ -266,33 +267,8 @@ class RunListSerializer(RunSerializer):
         read_only_fields = fields
 
 
-#: The columns `run_list_rows` reads, with the output field each one fills.
-RUN_LIST_COLUMNS = {
-    "id": "id",
-    "pipeline__name": "pipeline",
-    "version__number": "version",
-    "version__content_hash": "version_hash",
-    "state": "state",
-    "kind": "kind",
-    "trigger": "trigger",
-    "correlation_id": "correlation_id",
-    "chunks_total": "chunks_total",
-    "chunks_done": "chunks_done",
-    "records_read": "records_read",
-    "records_written": "records_written",
-    "records_rejected": "records_rejected",
-    "records_filtered": "records_filtered",
-    "records_deduplicated": "records_deduplicated",
-    "records_dead_lettered": "records_dead_lettered",
-    "error": "error",
-    "created_at": "created_at",
-    "started_at": "started_at",
-    "finished_at": "finished_at",
-}
-
-
 def run_list_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`RunListSerializer`'s output for rows of `.values(*RUN_LIST_COLUMNS)`."""
+    """`RunListSerializer`'s output for rows of `Run.objects.list_rows()`."""
     now = timezone.now()
     iso = _iso_datetime(timezone.get_current_timezone())
     return [_run_item(row, now, iso) for row in rows]
@@ -307,21 +283,18 @@ def run_representation(run: Run) -> dict[str, Any]:
     """
     if run.planned_at is not None:
         return RunSerializer(run).data
-    row = {column: getattr(run, column) for column in _RUN_OWN_COLUMNS}
+    row = {column: getattr(run, column) for column in RUN_LIST_OWN_COLUMNS}
     for choice in ("state", "kind", "trigger"):  # a model's enum member: its value
         row[choice] = str(row[choice])
-    row["pipeline__name"] = run.pipeline.name
-    row["version__number"] = run.version.number
-    row["version__content_hash"] = run.version.content_hash
+    row["pipeline_name"] = run.pipeline.name
+    row["version_number"] = run.version.number
+    row["version_hash"] = run.version.content_hash
     item = _run_item(
         row, timezone.now(), _iso_datetime(timezone.get_current_timezone())
     )
     item["chunks"] = dict.fromkeys(ChunkState.values, 0)
     item["stats"] = {"references": {}}
     return {name: item[name] for name in RunSerializer.Meta.fields}
-
-
-_RUN_OWN_COLUMNS = [c for c in RUN_LIST_COLUMNS if "__" not in c]
 
 
 def _iso_datetime(tz: Any) -> Any:
@@ -343,9 +316,9 @@ def _run_item(row: dict[str, Any], now: Any, iso: Any) -> dict[str, Any]:
     read = row["records_read"]
     return {
         "id": row["id"],
-        "pipeline": row["pipeline__name"],
-        "version": row["version__number"],
-        "version_hash": row["version__content_hash"],
+        "pipeline": row["pipeline_name"],
+        "version": row["version_number"],
+        "version_hash": row["version_hash"],
         "state": row["state"],
         "kind": row["kind"],
         "trigger": row["trigger"],

@@ -28,7 +28,6 @@ from integration.api.filtersets import (
     SchemaChangeProposalFilter,
 )
 from integration.api.serializers import (
-    RUN_LIST_COLUMNS,
     BackfillSerializer,
     CountSerializer,
     DeadLetterSerializer,
@@ -202,11 +201,8 @@ class PipelineViewSet(viewsets.ModelViewSet):
 
 class _RunRows:
     """The run list as the paginator sees it: counted on the filtered runs alone,
-    sliced as rows of `.values(*RUN_LIST_COLUMNS)`.
-
-    Counting the `.values()` query would join the pipeline and version tables to
-    every run; both foreign keys are required, so the joins cannot change the
-    count, and without them PostgreSQL counts the runs' primary-key index.
+    sliced as rows of `list_rows()` (which adds the pipeline's and version's values
+    by subqueries: the count needs neither).
     """
 
     def __init__(self, queryset: QuerySet[Run]) -> None:
@@ -220,7 +216,7 @@ class _RunRows:
         return self.queryset.count()
 
     def __getitem__(self, key: slice) -> QuerySet:
-        return self.queryset.values(*RUN_LIST_COLUMNS)[key]
+        return self.queryset.list_rows()[key]
 
 
 class RunViewSet(viewsets.ReadOnlyModelViewSet):
