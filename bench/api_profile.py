@@ -27,6 +27,10 @@ installed) writes a profile of each endpoint's measured requests to
 `bench/results/logs/`. Prints a table and the statements seen (`--explain`: the
 plans of those without parameters); writes no result file and leaves
 docs/benchmarks.md alone.
+
+`--gunicorn` sends the same requests over HTTP, one at a time, to gunicorn with
+one sync worker, and reports that worker's CPU ms (its HTTP handling and socket
+writes included) and its PostgreSQL backend's, per request.
 """
 
 from __future__ import annotations
@@ -202,6 +206,83 @@ def explain(statements: list[tuple[str, int]]) -> None:
             print(f"  {sql[:160]}\n    {plan}")
 
 
+def through_gunicorn(
+    args: Any, env: dict[str, str], db: BenchDatabase, token: str, ids: list[int]
+) -> None:
+    """The same requests over HTTP to gunicorn with one sync worker, one at a
+    time: CPU ms of that worker (HTTP handling and socket writes included) and of
+    the database's client backends, per request; the cheapest round."""
+    import http.client
+
+    from bench.common import start_gunicorn
+
+    logs = RESULTS_DIR / "logs"
+    api, base = start_gunicorn(env, logs / f"api-profile-{db.name}.log", workers=1)
+    port = int(base.rsplit(":", 1)[1])
+    worker = int(
+        Path(f"/proc/{api.pid}/task/{api.pid}/children").read_text().split()[0]
+    )
+
+    def backends() -> list[int]:
+        with db.connect() as conn:
+            return [
+                row[0]
+                for row in conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s"
+                    " AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                    (db.name,),
+                )
+            ]
+
+    def call_http(method: str, path: str, body: bytes, key: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        headers = {"Authorization": f"Token {token}"}
+        if body:
+            headers.update({"Content-Type": "application/json", "Idempotency-Key": key})
+        conn.request(method, path, body=body or None, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        return response.status
+
+    prefix = secrets.token_hex(6)
+    endpoints = {
+        "GET /api/v1/runs/": lambda i: call_http("GET", "/api/v1/runs/", b"", ""),
+        "POST /api/v1/pipelines/{id}/runs/": lambda i: call_http(
+            "POST",
+            f"/api/v1/pipelines/{ids[i % len(ids)]}/runs/",
+            b"{}",
+            f"{prefix}-{i}",
+        ),
+    }
+    best: dict[str, tuple[float, float]] = {}
+    for request in endpoints.values():
+        for i in range(args.warmup):
+            request(-1 - i)
+    for round_ in range(args.rounds):
+        for name, request in endpoints.items():
+            pids = backends()
+            pg_before = {pid: _proc_cpu_ms(pid) for pid in pids}
+            cpu_before = _proc_cpu_ms(worker)
+            for i in range(args.requests):
+                status = request(round_ * args.requests + i)
+                if status not in (200, 202):
+                    raise SystemExit(f"{name}: HTTP {status}")
+            cpu = (_proc_cpu_ms(worker) - cpu_before) / args.requests
+            now = {pid: _proc_cpu_ms(pid) for pid in pids}
+            pg = sum(ms - pg_before[pid] for pid, ms in now.items() if ms)
+            pg /= args.requests
+            if name not in best or cpu + pg < sum(best[name]):
+                best[name] = (cpu, pg)
+    api.stop()
+    print(
+        f"{'endpoint (gunicorn, 1 sync worker)':36} {'cpu ms':>7} {'pg ms':>6} "
+        f"{'total':>6}"
+    )
+    for name, (cpu, pg) in best.items():
+        print(f"{name:36} {cpu:7.2f} {pg:6.2f} {cpu + pg:6.2f}")
+
+
 def new_profiler(kind: str | None) -> Any:
     if kind == "cprofile":
         import cProfile
@@ -243,6 +324,11 @@ def main() -> None:
     p.add_argument("--profile", choices=["cprofile", "pyinstrument"])
     p.add_argument("--explain", action="store_true", help="EXPLAIN ANALYZE reads")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument(
+        "--gunicorn",
+        action="store_true",
+        help="through gunicorn (1 sync worker, sequential requests) instead",
+    )
     args = p.parse_args()
 
     db = BenchDatabase("apiprof")
@@ -272,6 +358,10 @@ def main() -> None:
 
     user = get_user_model().objects.get(username="bench")
     _, token = AuthToken.objects.create(user)
+    if args.gunicorn:
+        connection.close()
+        through_gunicorn(args, env, db, token, ids)
+        return
     connection.close()
 
     probe = Probe()
