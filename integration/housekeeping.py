@@ -15,6 +15,7 @@ import structlog
 from django.conf import settings
 from django.db.models import DurationField, ExpressionWrapper, F, Q
 from django.utils import timezone
+from knox.models import AuthToken
 
 from integration import orchestration, services, staging
 from integration.choices import (
@@ -127,13 +128,17 @@ class PurgeReport:
     dead_letters: int = 0
     staged_files: int = 0
     held_values: int = 0
+    api_tokens: int = 0
 
 
 def purge(now=None) -> PurgeReport:
     """Delete what outlived its retention setting (runs, chunk runs, run keys, dead
-    letters, decided held drift values)."""
+    letters, decided held drift values) and expired API tokens."""
     now = now or timezone.now()
     report = PurgeReport()
+    # The API's token check rejects an expired token without purging the user's
+    # other expired tokens (knox's own check did that on every request).
+    report.api_tokens, _ = AuthToken.objects.filter(expiry__lt=now).delete()
     report.dead_letters, _ = DeadLetter.objects.filter(
         created_at__lt=now - timedelta(days=settings.DIS_RETENTION_DEAD_LETTERS_DAYS)
     ).delete()

@@ -153,6 +153,18 @@ def freeze_version(pipeline: Pipeline) -> PipelineVersion:
 # --- Starting runs ----------------------------------------------------------------
 
 
+#: What `start_run` reads of the pipeline (and of its current version).
+_START_RUN_COLUMNS = (
+    "id",
+    "name",
+    "is_paused",
+    "overlap_policy",
+    "current_version",
+    "current_version__number",
+    "current_version__content_hash",
+)
+
+
 def start_run(
     pipeline_id: int,
     *,
@@ -176,23 +188,27 @@ def start_run(
     """
     cid = correlation_id or correlation.current() or correlation.new_id()
     with transaction.atomic():
-        # The row lock serialises run requests of one pipeline, so the key lookup
-        # below cannot race (the unique constraint is the backstop).
-        pipeline = Pipeline.objects.select_for_update().get(pk=pipeline_id)
-        if idempotency_key:
-            existing = Run.objects.filter(
-                pipeline=pipeline, idempotency_key=idempotency_key
-            ).first()
+        # The row lock serialises run requests of one pipeline, so a key cannot
+        # race (the unique constraint is the backstop). One query reads what a
+        # run needs: the columns below and the current version's number and hash
+        # (for the caller's answer), not the version's spec.
+        pipeline = (
+            Pipeline.objects.select_for_update(of=("self",))
+            .select_related("current_version")
+            .only(*_START_RUN_COLUMNS)
+            .get(pk=pipeline_id)
+        )
+        if idempotency_key and (
+            pipeline.is_paused or trigger == RunTrigger.SCHEDULE
+        ):  # a key seen before answers even where a new run would be refused
+            existing = _run_for_key(pipeline, idempotency_key, request_hash)
             if existing is not None:
-                if existing.request_hash != request_hash:
-                    raise IdempotencyConflictError(
-                        "this Idempotency-Key was used with a different request"
-                    )
-                existing.replayed = True
                 return existing
         if pipeline.is_paused:
             raise PipelinePausedError(f"pipeline {pipeline.name} is paused")
-        version = pipeline.current_version or freeze_version(pipeline)
+        version = pipeline.current_version or freeze_version(
+            Pipeline.objects.get(pk=pipeline.pk)
+        )
         if (
             trigger == RunTrigger.SCHEDULE
             and pipeline.overlap_policy == OverlapPolicy.SKIP
@@ -200,20 +216,51 @@ def start_run(
         ):
             logger.info("run_skipped_overlap", pipeline=pipeline.name)
             return None
-        run = Run.objects.create(
-            pipeline=pipeline,
-            version=version,
-            kind=kind,
-            trigger=trigger,
-            correlation_id=cid,
-            requested_by_id=requested_by_id,
-            params=params or {},
-            idempotency_key=idempotency_key,
-            request_hash=request_hash,
-        )
+        fields = {
+            "pipeline": pipeline,
+            "version": version,
+            "kind": kind,
+            "trigger": trigger,
+            "correlation_id": cid,
+            "requested_by_id": requested_by_id,
+            "params": params or {},
+            "idempotency_key": idempotency_key,
+            "request_hash": request_hash,
+        }
+        if not idempotency_key:
+            run = Run.objects.create(**fields)
+        else:
+            # Insert first, in a savepoint: a new key (the usual case) costs no
+            # lookup; a key seen before fails the unique index, then is looked up.
+            try:
+                with transaction.atomic():
+                    run = Run.objects.create(**fields)
+            except IntegrityError:
+                existing = _run_for_key(pipeline, idempotency_key, request_hash)
+                if existing is None:
+                    raise
+                return existing
         orchestration.send_plan(run.pk, cid)
     logger.info("run_queued", run_id=run.pk, pipeline=pipeline.name, trigger=trigger)
     return run
+
+
+def _run_for_key(pipeline: Pipeline, key: str, request_hash: str) -> Run | None:
+    """The pipeline's run with this Idempotency-Key (`replayed` set), if any.
+
+    Raises:
+        IdempotencyConflictError: the key was used with another request.
+    """
+    existing = Run.objects.filter(pipeline=pipeline, idempotency_key=key).first()
+    if existing is None:
+        return None
+    if existing.request_hash != request_hash:
+        raise IdempotencyConflictError(
+            "this Idempotency-Key was used with a different request"
+        )
+    existing.pipeline = pipeline
+    existing.replayed = True
+    return existing
 
 
 def claim_run(run_id: int) -> bool:

@@ -123,7 +123,7 @@ STATIC_ROOT = env.path("DJANGO_STATIC_ROOT", default=str(BASE_DIR / "var" / "sta
 REST_FRAMEWORK = {
     # Token first: its WWW-Authenticate header turns an anonymous call into 401.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "knox.auth.TokenAuthentication",
+        "config.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -136,7 +136,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "config.api.exception_handler",
     "DEFAULT_THROTTLE_CLASSES": [
-        "rest_framework.throttling.UserRateThrottle",
+        "config.throttling.UserRateThrottle",  # DRF's, without pickling its history
         "rest_framework.throttling.AnonRateThrottle",
     ],
     "DEFAULT_THROTTLE_RATES": {
@@ -150,6 +150,10 @@ REST_KNOX = {
     ),
     "AUTO_REFRESH": False,
 }
+#: A checked API token is remembered this long per process (0: never): a token
+#: deleted (or its user deactivated) in another process keeps working that long
+#: in a process that checked it (config/authentication.py, docs/operations.md).
+API_TOKEN_CACHE_SECONDS = env.float("API_TOKEN_CACHE_SECONDS", default=5.0)
 SPECTACULAR_SETTINGS = {
     "TITLE": "Data Integration Service API",
     "DESCRIPTION": "Job control for pipelines, runs and dead letters.",

@@ -24,6 +24,7 @@ from integration.models import (
     SchemaChange,
     SchemaChangeProposal,
 )
+from integration.querysets import RUN_LIST_OWN_COLUMNS
 from transforms.choices import PreviewValues
 from transforms.services import MAX_PREVIEW_RECORDS
 
@@ -266,69 +267,79 @@ class RunListSerializer(RunSerializer):
         read_only_fields = fields
 
 
-#: The columns `run_list_rows` reads, with the output field each one fills.
-RUN_LIST_COLUMNS = {
-    "id": "id",
-    "pipeline__name": "pipeline",
-    "version__number": "version",
-    "version__content_hash": "version_hash",
-    "state": "state",
-    "kind": "kind",
-    "trigger": "trigger",
-    "correlation_id": "correlation_id",
-    "chunks_total": "chunks_total",
-    "chunks_done": "chunks_done",
-    "records_read": "records_read",
-    "records_written": "records_written",
-    "records_rejected": "records_rejected",
-    "records_filtered": "records_filtered",
-    "records_deduplicated": "records_deduplicated",
-    "records_dead_lettered": "records_dead_lettered",
-    "error": "error",
-    "created_at": "created_at",
-    "started_at": "started_at",
-    "finished_at": "finished_at",
-}
-_DATETIME = serializers.DateTimeField()
-
-
 def run_list_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`RunListSerializer`'s output for rows of `.values(*RUN_LIST_COLUMNS)`."""
+    """`RunListSerializer`'s output for rows of `Run.objects.list_rows()`."""
     now = timezone.now()
-    out = []
-    for row in rows:
-        started, finished = row["started_at"], row["finished_at"]
-        read = row["records_read"]
-        item = {
-            "id": row["id"],
-            "pipeline": row["pipeline__name"],
-            "version": row["version__number"],
-            "version_hash": row["version__content_hash"],
-            "state": row["state"],
-            "kind": row["kind"],
-            "trigger": row["trigger"],
-            "correlation_id": row["correlation_id"],
-            "chunks_total": row["chunks_total"],
-            "chunks_done": row["chunks_done"],
-            "records_read": read,
-            "records_written": row["records_written"],
-            "records_rejected": row["records_rejected"],
-            "records_filtered": row["records_filtered"],
-            "records_deduplicated": row["records_deduplicated"],
-            "records_dead_lettered": row["records_dead_lettered"],
-            "rejected_ratio": row["records_rejected"] / read if read else 0.0,
-            "error": row["error"],
-            "created_at": _DATETIME.to_representation(row["created_at"]),
-            "started_at": _DATETIME.to_representation(started) if started else None,
-            "finished_at": _DATETIME.to_representation(finished) if finished else None,
-            "duration_seconds": (
-                round(((finished or now) - started).total_seconds(), 3)
-                if started
-                else None
-            ),
-        }
-        out.append({name: item[name] for name in RunListSerializer.Meta.fields})
-    return out
+    iso = _iso_datetime(timezone.get_current_timezone())
+    return [_run_item(row, now, iso) for row in rows]
+
+
+def run_representation(run: Run) -> dict[str, Any]:
+    """`RunSerializer(run).data` for a run of a pipeline and version in memory.
+
+    A run just created (not planned yet) needs no chunk or stats query, and no
+    serializer fields: building `RunSerializer`'s fields cost more than the rest
+    of a `POST .../runs/` answer.
+    """
+    if run.planned_at is not None:
+        return RunSerializer(run).data
+    row = {column: getattr(run, column) for column in RUN_LIST_OWN_COLUMNS}
+    for choice in ("state", "kind", "trigger"):  # a model's enum member: its value
+        row[choice] = str(row[choice])
+    row["pipeline_name"] = run.pipeline.name
+    row["version_number"] = run.version.number
+    row["version_hash"] = run.version.content_hash
+    item = _run_item(
+        row, timezone.now(), _iso_datetime(timezone.get_current_timezone())
+    )
+    item["chunks"] = dict.fromkeys(ChunkState.values, 0)
+    item["stats"] = {"references": {}}
+    return {name: item[name] for name in RunSerializer.Meta.fields}
+
+
+def _iso_datetime(tz: Any) -> Any:
+    """DRF's `DateTimeField().to_representation` with the time zone looked up once
+    (ISO 8601 in the current time zone, UTC as `Z`)."""
+
+    def iso(value: Any) -> str | None:
+        if not value:
+            return None
+        text = value.astimezone(tz).isoformat()
+        return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+    return iso
+
+
+def _run_item(row: dict[str, Any], now: Any, iso: Any) -> dict[str, Any]:
+    """One run as `RunListSerializer` renders it (its fields, in its order)."""
+    started, finished = row["started_at"], row["finished_at"]
+    read = row["records_read"]
+    return {
+        "id": row["id"],
+        "pipeline": row["pipeline_name"],
+        "version": row["version_number"],
+        "version_hash": row["version_hash"],
+        "state": row["state"],
+        "kind": row["kind"],
+        "trigger": row["trigger"],
+        "correlation_id": row["correlation_id"],
+        "chunks_total": row["chunks_total"],
+        "chunks_done": row["chunks_done"],
+        "records_read": read,
+        "records_written": row["records_written"],
+        "records_rejected": row["records_rejected"],
+        "records_filtered": row["records_filtered"],
+        "records_deduplicated": row["records_deduplicated"],
+        "records_dead_lettered": row["records_dead_lettered"],
+        "rejected_ratio": row["records_rejected"] / read if read else 0.0,
+        "error": row["error"],
+        "created_at": iso(row["created_at"]),
+        "started_at": iso(started),
+        "finished_at": iso(finished),
+        "duration_seconds": (
+            round(((finished or now) - started).total_seconds(), 3) if started else None
+        ),
+    }
 
 
 class StartRunSerializer(serializers.Serializer):

@@ -113,6 +113,23 @@ def test_idempotency_key_returns_the_same_run(api, csv_pipeline, sent):
     assert Run.objects.filter(pipeline=csv_pipeline).count() == 1
 
 
+def test_idempotency_key_answers_before_a_pause(api, csv_pipeline, sent):
+    url = f"/api/v1/pipelines/{csv_pipeline.pk}/runs/"
+    first = api.post(url, {}, format="json", HTTP_IDEMPOTENCY_KEY="before-pause")
+    assert first.status_code == 202
+    Pipeline.objects.filter(pk=csv_pipeline.pk).update(is_paused=True)
+    again = api.post(url, {}, format="json", HTTP_IDEMPOTENCY_KEY="before-pause")
+    assert (again.status_code, again.json()["id"]) == (200, first.json()["id"])
+    other = api.post(
+        url, {"params": {"x": 1}}, format="json", HTTP_IDEMPOTENCY_KEY="before-pause"
+    )
+    assert "different request" in other.json()["detail"]
+    new = api.post(url, {}, format="json", HTTP_IDEMPOTENCY_KEY="after-pause")
+    assert new.status_code == 409
+    assert "paused" in new.json()["detail"]
+    assert Run.objects.filter(pipeline=csv_pipeline).count() == 1
+
+
 @pytest.mark.django_db(transaction=True)
 def test_twenty_concurrent_requests_with_one_key_create_one_run(
     csv_pipeline, user, sent

@@ -102,6 +102,94 @@ def test_api_start_run_is_202_queued(api, pipeline, sent):
     }
 
 
+def test_api_start_run_answers_as_the_run_serializer(api, pipeline, sent):
+    from integration.api.serializers import RunSerializer
+
+    response = api.post(
+        f"/api/v1/pipelines/{pipeline.pk}/runs/",
+        {"params": {"a": 1}},
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="k",
+    )
+    assert response.status_code == 202
+    body = response.json()
+    expected = RunSerializer(Run.objects.get(pk=body["id"])).data
+    assert list(body) == list(expected) == RunSerializer.Meta.fields
+    assert body == expected
+    again = api.post(
+        f"/api/v1/pipelines/{pipeline.pk}/runs/",
+        {"params": {"a": 1}},
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="k",
+    )
+    assert (again.status_code, again.json()) == (200, body)
+
+
+def test_api_start_run_reads_the_pipeline_once_with_its_lock(api, pipeline, sent):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    api.get("/api/v1/runs/")  # the token is checked (and remembered) first
+    with CaptureQueriesContext(connection) as queries:
+        response = api.post(
+            f"/api/v1/pipelines/{pipeline.pk}/runs/",
+            {},
+            format="json",
+            HTTP_IDEMPOTENCY_KEY="once",
+        )
+    assert response.status_code == 202
+    reads = [
+        q["sql"]
+        for q in queries.captured_queries
+        if q["sql"].startswith("SELECT") and 'FROM "integration_pipeline"' in q["sql"]
+    ]
+    assert len(reads) == 1
+    assert "FOR UPDATE OF" in reads[0]
+    assert '"steps"' not in reads[0]
+    assert '"spec"' not in reads[0]
+    assert not any(
+        'FROM "integration_pipelineversion"' in q["sql"]
+        for q in queries.captured_queries
+    )
+
+
+def test_api_start_run_freezes_a_first_version(
+    api, generator_connector, sqlite_sink, sent
+):
+    pipeline = Pipeline.objects.create(
+        name=unique("p"),
+        source=generator_connector,
+        sink=sqlite_sink,
+        steps=STEPS,
+        sink_options={"table": "t"},
+    )
+    assert pipeline.current_version is None
+    response = api.post(f"/api/v1/pipelines/{pipeline.pk}/runs/", {}, format="json")
+    assert response.status_code == 202
+    assert response.json()["version"] == 1
+    pipeline.refresh_from_db()
+    assert response.json()["version_hash"] == pipeline.current_version.content_hash
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("987654", {}, 404),
+        ("not-a-number", {}, 404),
+        ("987654", {"params": "not an object"}, 404),
+        (None, {"params": "not an object"}, 400),
+    ],
+    ids=["missing", "not-an-id", "missing-and-bad-body", "bad-body"],
+)
+def test_api_start_run_refusals(api, pipeline, sent, path, body, status):
+    url = f"/api/v1/pipelines/{path or pipeline.pk}/runs/"
+    response = api.post(url, body, format="json")
+    assert response.status_code == status
+    if status == 400:
+        assert "params" in response.json()
+    assert sent == []
+
+
 def test_api_start_run_on_paused_pipeline_is_409(api, pipeline, sent):
     Pipeline.objects.filter(pk=pipeline.pk).update(is_paused=True)
     response = api.post(f"/api/v1/pipelines/{pipeline.pk}/runs/", {}, format="json")
@@ -207,6 +295,8 @@ def test_run_list_queries_do_not_grow_and_skip_heavy_json(api, pipeline, sent):
     ]
     assert len(selects) == 2  # the count and the page
     assert all('"spec"' not in sql and '"steps"' not in sql for sql in selects)
+    (count,) = [sql for sql in selects if "COUNT(" in sql]
+    assert "JOIN" not in count  # the runs alone: both foreign keys are required
 
 
 def test_run_list_rows_equal_the_list_serializer(api, pipeline, sent):
@@ -249,10 +339,31 @@ def test_run_list_filters_apply_and_bad_values_are_400(api, pipeline, sent):
     second = services.start_run(pipeline.pk, kind="replay")
     Run.objects.filter(pk=second.pk).update(state="failed")
     assert api.get("/api/v1/runs/").json()["count"] == 2
-    failed = api.get("/api/v1/runs/?state=failed").json()["results"]
-    assert [r["id"] for r in failed] == [second.pk]
+    failed = api.get("/api/v1/runs/?state=failed").json()
+    assert [r["id"] for r in failed["results"]] == [second.pk]
+    assert failed["count"] == 1
     queued = api.get(f"/api/v1/runs/?pipeline={pipeline.name}&state=queued").json()
     assert [r["id"] for r in queued["results"]] == [first.pk]
     response = api.get("/api/v1/runs/?state=nonsense")
     assert response.status_code == 400
     assert "state" in response.json()
+
+
+def test_api_start_run_checks_object_permissions_when_there_are_some(
+    api, pipeline, sent, monkeypatch
+):
+    from rest_framework.permissions import BasePermission, IsAuthenticated
+
+    from integration.api.views import PipelineViewSet
+
+    class NotThisPipeline(BasePermission):
+        def has_object_permission(self, request, view, obj):
+            return obj.pk != pipeline.pk
+
+    monkeypatch.setattr(
+        PipelineViewSet, "permission_classes", [IsAuthenticated, NotThisPipeline]
+    )
+    response = api.post(f"/api/v1/pipelines/{pipeline.pk}/runs/", {}, format="json")
+    assert response.status_code == 403
+    assert sent == []
+    assert not Run.objects.filter(pipeline=pipeline).exists()
