@@ -125,13 +125,16 @@ def batch_section(results: list[dict[str, Any]]) -> list[str]:
             )
         out.append("")
     # Memory: 1M vs 3M rows.
+    # The latest of each size with the same settings (one worker, a pool of 2, the
+    # default 50,000-row chunks), taken in time order.
     by_rows = {
         r["rows"]: r
-        for r in rows
+        for r in sorted(rows, key=lambda r: r.get("measured_at", ""))
         if r["mode"] == "append"
         and r["workers"] == 1
         and r["concurrency"] == 2
         and r.get("enrich") is True
+        and r.get("chunk_rows", 50_000) == 50_000
     }
     if 1_000_000 in by_rows and 3_000_000 in by_rows:
         a = by_rows[1_000_000]["worker_peak_rss_mb_max"]
