@@ -128,3 +128,44 @@ def sink_query(connector, sql: str, params=()):
         host=cfg["host"], port=cfg["port"], dbname=cfg["database"], user=cfg["user"]
     ) as conn:
         return conn.execute(sql, params).fetchall()
+
+
+#: Two generated columns mapped (chunk attempt and process_chunk tests).
+STEPS = [
+    {
+        "type": "map",
+        "fields": [
+            {"name": "id", "expr": "id", "type": "integer", "required": True},
+            {"name": "label", "expr": "label", "type": "string"},
+        ],
+    }
+]
+
+
+@pytest.fixture
+def planned(pg_sink, sent):
+    """A planned run of 1,000 generated rows in 2 chunks of 500; window 2:
+    (run, sink table, {seq: attempt token})."""
+    from connectors.models import Connector
+    from integration import services
+    from integration.models import ChunkRun, Pipeline
+    from tests.helpers import unique
+
+    source = Connector.objects.create(
+        name=unique("gen"), kind="generator", config={"rows": 1000}
+    )
+    table = pg_sink.new_table()
+    pipeline = Pipeline.objects.create(
+        name=unique("p"),
+        source=source,
+        sink=pg_sink,
+        steps=STEPS,
+        sink_options={"table": table},
+        chunk_rows=500,
+        max_in_flight=2,
+    )
+    services.freeze_version(pipeline)
+    run = services.start_run(pipeline.pk)
+    services.plan_run(run.pk)
+    chunks = {c.seq: str(c.attempt_token) for c in ChunkRun.objects.filter(run=run)}
+    return run, table, chunks

@@ -12,46 +12,10 @@ import threading
 import pytest
 
 from integration import services, staging, tasks
-from integration.models import ChunkRun, Pipeline, Run
-from tests.helpers import unique
+from integration.models import ChunkRun, Run
 from tests.runs.conftest import sink_query
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-STEPS = [
-    {
-        "type": "map",
-        "fields": [
-            {"name": "id", "expr": "id", "type": "integer", "required": True},
-            {"name": "label", "expr": "label", "type": "string"},
-        ],
-    }
-]
-
-
-@pytest.fixture
-def planned(pg_sink, sent):
-    """A planned run of 1,000 generated rows in 2 chunks of 500; window 2."""
-    from connectors.models import Connector
-
-    source = Connector.objects.create(
-        name=unique("gen"), kind="generator", config={"rows": 1000}
-    )
-    table = pg_sink.new_table()
-    pipeline = Pipeline.objects.create(
-        name=unique("p"),
-        source=source,
-        sink=pg_sink,
-        steps=STEPS,
-        sink_options={"table": table},
-        chunk_rows=500,
-        max_in_flight=2,
-    )
-    services.freeze_version(pipeline)
-    run = services.start_run(pipeline.pk)
-    services.plan_run(run.pk)
-    chunks = {c.seq: str(c.attempt_token) for c in ChunkRun.objects.filter(run=run)}
-    return run, table, chunks
 
 
 def rows(pg_sink, table):

@@ -14,34 +14,10 @@ from connectors.plugins.sql.postgres import PostgresSink
 from integration import orchestration, services, staging, tasks
 from integration.models import ChunkRun, Pipeline
 from tests.helpers import unique
-from tests.runs.test_chunk_attempts import STEPS, rows
+from tests.runs.conftest import STEPS
+from tests.runs.test_chunk_attempts import rows
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def planned(pg_sink, sent):
-    """A planned run of 1,000 generated rows in 2 chunks of 500."""
-    from connectors.models import Connector
-
-    source = Connector.objects.create(
-        name=unique("gen"), kind="generator", config={"rows": 1000}
-    )
-    table = pg_sink.new_table()
-    pipeline = Pipeline.objects.create(
-        name=unique("p"),
-        source=source,
-        sink=pg_sink,
-        steps=STEPS,
-        sink_options={"table": table},
-        chunk_rows=500,
-        max_in_flight=2,
-    )
-    services.freeze_version(pipeline)
-    run = services.start_run(pipeline.pk)
-    services.plan_run(run.pk)
-    chunks = {c.seq: str(c.attempt_token) for c in ChunkRun.objects.filter(run=run)}
-    return run, table, chunks
 
 
 def staged(run_id: int, seq: int, token: str) -> list[str]:
