@@ -375,27 +375,25 @@ def _plan_chunks(run: Run) -> None:
     logger.info("run_planned", run_id=run.pk, chunks=len(chunks))
 
 
-def _loads_descending(run_id: int) -> bool:
-    """Whether the run's chunks load last to first (a deduplicate keeping the last
-    row): they are then dispatched in that order too."""
+def _load_order(run_id: int) -> str | None:
+    """The order the run's chunks must load in (`runkeys.load_order` of its
+    version's run-wide keys), None when each may load as soon as it is ready."""
     from integration import runkeys, runtime
 
     version_id = Run.objects.values_list("version_id", flat=True).get(pk=run_id)
-    scopes = runtime.compiled_version(version_id).key_scopes
-    return runkeys.load_order(scopes) == runkeys.DESCENDING
+    return runkeys.load_order(runtime.compiled_version(version_id).key_scopes)
 
 
 def _fused(run_id: int) -> bool:
-    """Whether the run's chunks go as one `process_chunk` task each: when
-    `DIS_FUSE_CHUNK_STEPS` is on and no chunk's load waits for the chunks before
-    it (run-wide keys load in order, through the chain's `load_chunk`)."""
-    from integration import runkeys, runtime
+    """Whether the run's chunks go as one `process_chunk` task each."""
+    return _fused_for(_load_order(run_id))
 
-    if not settings.DIS_FUSE_CHUNK_STEPS:
-        return False
-    version_id = Run.objects.values_list("version_id", flat=True).get(pk=run_id)
-    scopes = runtime.compiled_version(version_id).key_scopes
-    return runkeys.load_order(scopes) is None
+
+def _fused_for(order: str | None) -> bool:
+    """One `process_chunk` task per chunk: when `DIS_FUSE_CHUNK_STEPS` is on and
+    no chunk's load waits for the chunks before it (`order` None: run-wide keys
+    load in order, through the chain's `load_chunk`)."""
+    return settings.DIS_FUSE_CHUNK_STEPS and order is None
 
 
 def dispatch_chunks(run_id: int, limit: int, correlation_id: str) -> int:
@@ -405,9 +403,13 @@ def dispatch_chunks(run_id: int, limit: int, correlation_id: str) -> int:
     Each claim is a conditional UPDATE that issues a fresh attempt token, so a
     chunk is sent once even when two finishing chunks race to refill the window.
     """
+    from integration import runkeys
+
     sent = 0
-    first = "-seq" if _loads_descending(run_id) else "seq"
-    fused = _fused(run_id)
+    # A deduplicate keeping the last row loads last to first: dispatch so too.
+    order = _load_order(run_id)
+    first = "-seq" if order == runkeys.DESCENDING else "seq"
+    fused = _fused_for(order)
     while sent < limit:
         if not Run.objects.filter(pk=run_id, state=RunState.RUNNING).exists():
             break
