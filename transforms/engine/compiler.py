@@ -556,8 +556,9 @@ class CompiledPipeline:
             ):
                 continue
             column = table.column(f.name)
-            digits = pc.ascii_is_decimal(pc.utf8_ltrim(column, characters="+-"))
-            if not pc.all(digits, min_count=0).as_py():
+            if not _all_digits(column) and not _all_digits(
+                pc.utf8_ltrim(column, characters="+-")  # signed values
+            ):
                 continue
             try:
                 casts[f.name] = pc.cast(column, pa.int64())
@@ -895,6 +896,11 @@ def _static_rows_schema(steps: Sequence[Step]) -> pa.Schema | None:
                 index = names.index(f.name.lower())
                 schema = schema.set(index, pa.field(schema.names[index], pa.string()))
     return schema
+
+
+def _all_digits(column: pa.ChunkedArray) -> bool:
+    """Every non-null value is ASCII digits only (and not empty)."""
+    return bool(pc.all(pc.ascii_is_decimal(column), min_count=0).as_py())
 
 
 #: Up to this many runs of consecutive rows, `_in_input_order` reorders by
