@@ -173,7 +173,8 @@ def _merge(step_kind: str, drop: Sequence[str] = ()) -> str:
     excluded = ", ".join([NEW, NEW_RAISED, *drop])
     return (
         f"* EXCLUDE ({excluded}) REPLACE ("
-        f"NULLIF(concat_ws('; ', {ERR}, {NEW}), '') AS {ERR}, "
+        f"CASE WHEN {NEW} IS NULL THEN {ERR} "
+        f"ELSE NULLIF(concat_ws('; ', {ERR}, {NEW}), '') END AS {ERR}, "
         f"coalesce({STEP}, CASE WHEN {NEW} IS NOT NULL "
         f"THEN {sql_string(step_kind)} END) AS {STEP}, "
         f"coalesce({RAISED}, {NEW_RAISED}) AS {RAISED})"
@@ -627,7 +628,7 @@ class PlanBuilder:
         )
 
         outputs: list[str] = []
-        errors: list[str] = []
+        errors: list[tuple[str, str]] = []
         for n, f in enumerate(step.fields):
             default = self.constants.defaults.get(f.path)
             v = value[n]
@@ -649,7 +650,7 @@ class PlanBuilder:
             Cte(
                 f"{cte}_checked",
                 f"SELECT {', '.join(outputs)}, {self.carried}, "
-                f"NULLIF(concat_ws('; ', {', '.join(errors)}), '') AS {NEW}, "
+                f"{_field_errors(errors)} AS {NEW}, "
                 f"{_first_raised(flags)} AS {NEW_RAISED} FROM {cte}_value",
             )
         )
@@ -954,7 +955,7 @@ class PlanBuilder:
             Cte(
                 f"{cte}_ref",
                 f"SELECT {', '.join(keys)}, {fields}, "
-                f"NULLIF(concat_ws('; ', {', '.join(errors)}), '') AS {ref_err}, "
+                f"{_field_errors(errors)} AS {ref_err}, "
                 f"{_first_raised(flags)} AS {ref_raised} FROM {cte}_value",
             )
         )
@@ -1156,8 +1157,9 @@ def _field_error(
     *,
     raised: str | None,
     has_default: bool,
-) -> str:
-    """SQL of a map field's error message, NULL when the field is fine."""
+) -> tuple[str, str]:
+    """SQL of a map field's failure condition and of its error message (NULL
+    when the field is fine)."""
     missing = (
         sql_string(f"{f.name}: required value is missing")
         if f.required and not has_default
@@ -1169,10 +1171,31 @@ def _field_error(
         f"{sql_string(chr(39) + f' to {f.type.label}')}"
     )
     raised_branch = f"WHEN {raised} THEN {_raised_message(f.name)} " if raised else ""
-    return (
+    message = (
         f"CASE {raised_branch}WHEN {present} IS NULL THEN {missing} "
         f"WHEN {value} IS NULL THEN {convert} END"
     )
+    # True whenever the message is not NULL: the raised flag, a missing value
+    # (only when that is an error) or a value that does not convert.
+    failed = (
+        f"{present} IS NULL OR {value} IS NULL"
+        if missing != "NULL"
+        else f"({present} IS NOT NULL AND {value} IS NULL)"
+    )
+    return (f"{raised} OR {failed}" if raised else failed), message
+
+
+def _field_errors(errors: Sequence[tuple[str, str]]) -> str:
+    """SQL of the fields' joined error messages, NULL when every field is fine.
+
+    Each message is built only for the rows whose flags say some field failed:
+    the flags are cheap comparisons, the messages string work.
+    """
+    if not errors:
+        return "CAST(NULL AS VARCHAR)"
+    failed = " OR ".join(f"({condition})" for condition, _ in errors)
+    joined = ", ".join(message for _, message in errors)
+    return f"CASE WHEN {failed} THEN NULLIF(concat_ws('; ', {joined}), '') END"
 
 
 def _rule_error(rule: Rule, column: str, constants: Mapping[str, Any]) -> str:

@@ -414,3 +414,51 @@ def test_output_table_has_the_output_schema_then_source_ref(
             "_source_ref": "/data/flights.csv#0",
         }
     ]
+
+
+def test_messages_only_for_failing_rows_of_a_mixed_batch(
+    compile_pipeline: Any, make_batch: Any
+) -> None:
+    """Error messages are built only for rows whose flags fail (a cheap OR of
+    presence and cast checks): rows that pass keep no message, a row that fails
+    several fields lists them in field order, and an optional empty value or a
+    required one with a default is no failure."""
+    steps = [
+        {
+            "type": "map",
+            "fields": [
+                {"name": "a", "expr": "a", "type": "integer", "required": True},
+                {"name": "b", "expr": "b", "type": "float"},
+                {
+                    "name": "c",
+                    "expr": "c",
+                    "type": "integer",
+                    "required": True,
+                    "default": 0,
+                },
+                {"name": "d", "expr": "upper(d)", "type": "string"},
+            ],
+        }
+    ]
+    batch = make_batch(
+        a=["1", None, "x", "4", "5", None, "6"],
+        b=["1.5", "2", "y", None, "", "z", "v"],
+        c=["7", "8", None, "9", None, "w", "1"],
+        d=["p", None, "q", "r", "s", None, "t"],
+    )
+    result = compile_pipeline(steps).run(batch)
+    assert result.output["a"].to_pylist() == [1, 4, 5]
+    assert result.output["c"].to_pylist() == [7, 9, 0]
+    assert result.rejected["_source_ref"].to_pylist() == [
+        "/data/flights.csv#1",
+        "/data/flights.csv#2",
+        "/data/flights.csv#5",
+        "/data/flights.csv#6",
+    ]
+    assert result.rejected["_error"].to_pylist() == [
+        "a: required value is missing",
+        "a: cannot convert 'x' to integer; b: cannot convert 'y' to float",
+        "a: required value is missing; b: cannot convert 'z' to float; "
+        "c: cannot convert 'w' to integer",
+        "b: cannot convert 'v' to float",
+    ]
