@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,7 @@ from django.utils import timezone
 
 from config import correlation
 from connectors.base import SOURCE_REF_COLUMN
-from connectors.exceptions import RegistryError
+from connectors.exceptions import RegistryError, TerminalError
 from integration import orchestration
 from integration.choices import (
     CHUNK_FINISHED,
@@ -284,12 +286,13 @@ def claim_run(run_id: int) -> bool:
 def plan_run(run_id: int) -> None:
     """Claim the run, plan its chunks once, prepare the sink, fill the window.
 
-    Safe to run twice: a planned run only gets its window topped up (this is also
-    how a resumed run restarts); a run whose planning was interrupted is planned
-    again from scratch (no chunk of it was sent).
+    A source's chunks are stored and sent as the plan finds them (see
+    `_stream_plan`), so the first chunks run while the rest of the source is
+    still being scanned. Safe to run twice: a planned run only gets its window
+    topped up (this is also how a resumed run restarts); a run whose planning
+    was interrupted is planned again, keeping the chunks already stored (the
+    plan of an unchanged source is the same).
     """
-    from integration import runtime
-
     run = Run.objects.select_related("pipeline", "version").get(pk=run_id)
     if run.state == RunState.QUEUED and not claim_run(run_id):
         logger.info("run_waits_for_active_run", run_id=run_id)
@@ -297,33 +300,61 @@ def plan_run(run_id: int) -> None:
     run.refresh_from_db()
     if run.state != RunState.RUNNING:
         return
-    spec = run.version.spec
     if run.planned_at is None:
-        _plan_chunks(run)
-    compiled = runtime.compiled_version(run.version_id)
-    from integration.drift import passes_through
-
-    if not passes_through(spec["steps"]):
-        # A pass-through pipeline's columns are the source's: its chunks prepare
-        # the sink when they load (the first batch tells the schema).
-        sink = runtime.open_sink(spec["sink"]["connector"])
-        try:
-            sink.prepare(run.sink_options(), compiled.final_schema, run_id=run_id)
-        finally:
-            sink.close()
+        if not _plan_chunks(run):
+            return  # stopped while it was being planned
+    else:
+        _prepare_sink(run)
     with transaction.atomic():
         chunks = ChunkRun.objects.filter(run_id=run_id)
         if not chunks.unfinished().exists():
             orchestration.send_finalize(run_id, run.correlation_id)
             return
-        in_flight = chunks.filter(state__in=CHUNK_IN_FLIGHT).count()
-        dispatch_chunks(
-            run_id, max(0, run.pipeline.max_in_flight - in_flight), run.correlation_id
-        )
+        _top_up(run)
 
 
-def _plan_chunks(run: Run) -> None:
-    """Store the run's chunk plan: the source's chunks, or the dead letters replayed."""
+def _top_up(run: Run) -> None:
+    """Send pending chunks until the run's window is full."""
+    in_flight = ChunkRun.objects.filter(
+        run_id=run.pk, state__in=CHUNK_IN_FLIGHT
+    ).count()
+    dispatch_chunks(
+        run.pk, max(0, run.pipeline.max_in_flight - in_flight), run.correlation_id
+    )
+
+
+def _prepare_sink(run: Run) -> None:
+    """Create or check the sink's table before any chunk loads (idempotent)."""
+    from integration import runtime
+    from integration.drift import passes_through
+
+    spec = run.version.spec
+    if passes_through(spec["steps"]):
+        # A pass-through pipeline's columns are the source's: its chunks prepare
+        # the sink when they load (the first batch tells the schema).
+        return
+    compiled = runtime.compiled_version(run.version_id)
+    sink = runtime.open_sink(spec["sink"]["connector"])
+    try:
+        sink.prepare(run.sink_options(), compiled.final_schema, run_id=run.pk)
+    finally:
+        sink.close()
+
+
+#: While a source is being planned, its chunks are stored and the window topped
+#: up every `PLAN_FLUSH_CHUNKS` chunks or `PLAN_FLUSH_SECONDS` seconds (the first
+#: time as soon as the window's worth is found).
+PLAN_FLUSH_CHUNKS = 256
+PLAN_FLUSH_SECONDS = 2.0
+
+
+def _plan_chunks(run: Run) -> bool:
+    """Store the run's chunk plan (the source's chunks, or the dead letters
+    replayed) and prepare the sink.
+
+    Returns:
+        False when the run stopped (cancelled, failed) while it was planned.
+    """
     from integration import runtime
 
     spec = run.version.spec
@@ -358,10 +389,15 @@ def _plan_chunks(run: Run) -> None:
         source = runtime.open_source(spec["source"]["connector"])
         try:
             fingerprint = source.fingerprint(options) or ""
-            chunks = [
+            planned = (
                 ChunkRun(run_id=run.pk, seq=c.seq, spec=c.spec)
                 for c in source.plan(options, chunk_rows=spec["chunk_rows"])
-            ]
+            )
+            if _load_order(run.pk) is None:
+                return _stream_plan(run, planned, fingerprint)
+            # Chunks that load in order (run-wide keys) are sent once the whole
+            # plan is known: a run loading last to first starts at the end.
+            chunks = list(planned)
         finally:
             source.close()
     with transaction.atomic():
@@ -373,6 +409,91 @@ def _plan_chunks(run: Run) -> None:
             source_fingerprint=fingerprint[:200],
         )
     logger.info("run_planned", run_id=run.pk, chunks=len(chunks))
+    _prepare_sink(run)
+    return True
+
+
+def _stream_plan(run: Run, planned: Iterator[ChunkRun], fingerprint: str) -> bool:
+    """Store and send a source's chunks while its plan is still being found.
+
+    The first chunks go out as soon as the window's worth is found; the rest
+    are stored in steps, each topping up the window. `planned_at` (and the
+    final `chunks_total`) are set once the plan is complete: until then no
+    finished chunk finalizes the run (`complete_chunk` checks it). A plan
+    interrupted and run again keeps the chunks already stored and adds the rest.
+
+    Raises:
+        TerminalError: the source changed since an interrupted plan began.
+    """
+    fingerprint = fingerprint[:200]
+    if run.source_fingerprint and run.source_fingerprint != fingerprint:
+        raise TerminalError(
+            "the source changed while the run was being planned "
+            f"({run.source_fingerprint} -> {fingerprint}); start a new run"
+        )
+    batch: list[ChunkRun] = []
+    total = 0
+    sent = False
+    flushed = time.monotonic()
+    for chunk in planned:
+        batch.append(chunk)
+        due = (
+            len(batch) >= PLAN_FLUSH_CHUNKS
+            or time.monotonic() - flushed >= PLAN_FLUSH_SECONDS
+            if sent
+            else len(batch) >= run.pipeline.max_in_flight
+        )
+        if not due:
+            continue
+        if not sent:
+            _prepare_sink(run)
+            sent = True
+        total += len(batch)
+        if not _store_chunks(run, batch, total, fingerprint):
+            return False
+        batch, flushed = [], time.monotonic()
+    total += len(batch)
+    with transaction.atomic():
+        ChunkRun.objects.bulk_create(batch, batch_size=1000, ignore_conflicts=True)
+        updated = Run.objects.filter(pk=run.pk, state=RunState.RUNNING).update(
+            chunks_total=total,
+            planned_at=timezone.now(),
+            source_fingerprint=fingerprint,
+        )
+        if not updated:
+            _skip_pending(run.pk)
+            return False
+    logger.info("run_planned", run_id=run.pk, chunks=total)
+    if not sent:
+        _prepare_sink(run)
+    return True
+
+
+def _store_chunks(
+    run: Run, batch: list[ChunkRun], total: int, fingerprint: str
+) -> bool:
+    """Store a step of a plan still being found and top up the window.
+
+    Returns:
+        False when the run is no longer running (its stored chunks are skipped).
+    """
+    with transaction.atomic():
+        ChunkRun.objects.bulk_create(batch, batch_size=1000, ignore_conflicts=True)
+        updated = Run.objects.filter(pk=run.pk, state=RunState.RUNNING).update(
+            chunks_total=total, source_fingerprint=fingerprint
+        )
+        if not updated:
+            _skip_pending(run.pk)
+            return False
+        _top_up(run)
+    return True
+
+
+def _skip_pending(run_id: int) -> None:
+    """Chunks stored for a run that stopped while it was planned never start."""
+    ChunkRun.objects.filter(run_id=run_id, state=ChunkState.PENDING).update(
+        state=ChunkState.SKIPPED, finished_at=timezone.now()
+    )
 
 
 def _load_order(run_id: int) -> str | None:
@@ -631,7 +752,11 @@ def quarantine_chunk(
             attempts=crashes,
         )
         logger.error("chunk_quarantined", run_id=run_id, chunk_seq=seq, step=step)
-        if not ChunkRun.objects.filter(run_id=run_id).unfinished().exists():
+        run = Run.objects.select_for_update().get(pk=run_id)  # see complete_chunk
+        if (
+            run.planned_at is not None
+            and not ChunkRun.objects.filter(run_id=run_id).unfinished().exists()
+        ):
             orchestration.send_finalize(run_id, run.correlation_id)
         else:
             dispatch_chunks(run_id, 1, run.correlation_id)
@@ -965,7 +1090,13 @@ def complete_chunk(
                 f"{run.records_written} rows committed by those chunks stay in the "
                 "sink",
             )
-        elif not ChunkRun.objects.filter(run_id=run_id).unfinished().exists():
+        elif (
+            run.planned_at is not None
+            and not ChunkRun.objects.filter(run_id=run_id).unfinished().exists()
+        ):
+            # `run` was read after this transaction updated (and locked) its row:
+            # a plan completed before that is seen here, one completed after it
+            # sees this chunk done and finalizes itself (see `_stream_plan`).
             orchestration.send_finalize(run_id, run.correlation_id)
         else:
             dispatch_chunks(run_id, 1, run.correlation_id)
@@ -1244,8 +1375,8 @@ def finalize_run(run_id: int) -> None:
     from integration import runtime
 
     run = Run.objects.select_related("version").get(pk=run_id)
-    if run.state != RunState.RUNNING:
-        return
+    if run.state != RunState.RUNNING or run.planned_at is None:
+        return  # a run still being planned is finalized by its plan_run
     if ChunkRun.objects.filter(run_id=run_id).unfinished().exists():
         return
     state = run.outcome_state()

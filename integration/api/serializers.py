@@ -244,13 +244,13 @@ class RunSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(ChunkProgressSerializer)
     def get_chunks(self, run: Run) -> dict[str, int]:
-        if run.planned_at is None:  # chunks are created with planned_at: none yet
+        if not run.chunks_total:  # counted as the plan stores chunks: none yet
             return dict.fromkeys(ChunkState.values, 0)
         return services.chunk_progress(run)
 
     @extend_schema_field(serializers.DictField())
     def get_stats(self, run: Run) -> dict[str, Any]:
-        if run.planned_at is None:  # a run just started: no chunk has stats
+        if not run.chunks_total:  # a run just started: no chunk has stats
             return {"references": {}}
         return services.run_stats(run)
 
