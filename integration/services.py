@@ -803,10 +803,14 @@ def prepare_options(attempt: Attempt) -> dict[str, Any]:
 def run_stats(run: Run) -> dict[str, Any]:
     """A run's engine statistics: reference cache hits/misses and the oldest age,
     and the schema drift its chunks found (`drift`, when any)."""
+    return stats_of_chunks(list(run.chunks.values_list("stats", flat=True)))
+
+
+def stats_of_chunks(all_stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """`run_stats` from the `stats` of every chunk of the run."""
     from integration.drift import run_drift_stats
 
     refs: dict[str, dict[str, Any]] = {}
-    all_stats = list(run.chunks.values_list("stats", flat=True))
     for stats in all_stats:
         for name, ref in (stats or {}).get("references", {}).items():
             agg = refs.setdefault(

@@ -310,6 +310,30 @@ def _iso_datetime(tz: Any) -> Any:
     return iso
 
 
+def run_detail(
+    row: dict[str, Any], chunks: Iterable[tuple[str, Any]]
+) -> dict[str, Any]:
+    """`RunSerializer`'s output for a row of `Run.objects.list_rows()` and the
+    `(state, stats)` of the run's chunks (not read for a run with none yet)."""
+    item = _run_item(
+        row, timezone.now(), _iso_datetime(timezone.get_current_timezone())
+    )
+    progress = dict.fromkeys(ChunkState.values, 0)
+    stats: dict[str, Any] = {"references": {}}
+    if row["chunks_total"]:
+        chunk_stats = []
+        for state, chunk in chunks:
+            progress[state] += 1
+            chunk_stats.append(chunk)
+        stats = services.stats_of_chunks(chunk_stats)
+    out: dict[str, Any] = {}
+    for name, value in item.items():  # RunSerializer's order: after chunks_done
+        out[name] = value
+        if name == "chunks_done":
+            out["chunks"], out["stats"] = progress, stats
+    return out
+
+
 def _run_item(row: dict[str, Any], now: Any, iso: Any) -> dict[str, Any]:
     """One run as `RunListSerializer` renders it (its fields, in its order)."""
     started, finished = row["started_at"], row["finished_at"]

@@ -149,3 +149,68 @@ def test_admin_run_page_shows_chunks(client, admin_user_obj, pipeline, sent):
     page = client.get(f"/admin/integration/run/{run.pk}/change/")
     assert page.status_code == 200
     assert b"Chunk run" in page.content
+
+
+def test_run_detail_is_what_the_run_serializer_gives(api, pipeline, sent):
+    """`GET /api/v1/runs/{id}/` renders from plain rows (a poll's fast path):
+    the same fields, values and order as `RunSerializer`, before planning, while
+    chunks run (with reference and drift stats) and for a missing run."""
+    from integration.api.serializers import RunSerializer
+
+    run = services.start_run(pipeline.pk)
+
+    def serialized() -> dict:
+        return dict(RunSerializer(Run.objects.get(pk=run.pk)).data)
+
+    def same(body: dict, expected: dict) -> bool:
+        """Equal, in the same order; a running run's duration is read twice."""
+        ran, should = body.pop("duration_seconds"), expected.pop("duration_seconds")
+        close = (ran is None and should is None) or abs(ran - should) < 5
+        return close and body == expected and list(body) == list(expected)
+
+    body = api.get(f"/api/v1/runs/{run.pk}/").json()
+    assert same(body, serialized())
+    assert body["chunks"]["pending"] == 0
+    assert body["stats"] == {"references": {}}
+
+    services.plan_run(run.pk)
+    first = ChunkRun.objects.filter(run=run).order_by("seq").first()
+    for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
+        step(run.pk, first.seq, str(first.attempt_token))
+    ChunkRun.objects.filter(run=run, seq=1).update(
+        stats={
+            "references": {"airlines": {"source": "miss", "age_seconds": 2.5}},
+            "drift": {
+                "policy": "evolve",
+                "new_columns": ["extra"],
+                "type_changes": [],
+                "rejected": 0,
+                "held": 0,
+            },
+        }
+    )
+    ChunkRun.objects.filter(run=run, seq=2).update(
+        stats={"references": {"airlines": {"source": "hit", "age_seconds": 7.0}}}
+    )
+    body = api.get(f"/api/v1/runs/{run.pk}/").json()
+    assert same(body, serialized())
+    assert body["chunks"] == {
+        "pending": 6,
+        "queued": 3,
+        "running": 0,
+        "done": 1,
+        "skipped": 0,
+        "quarantined": 0,
+    }
+    assert body["stats"]["references"] == {
+        "airlines": {"hits": 1, "misses": 1, "max_age_seconds": 7.0}
+    }
+    assert body["stats"]["drift"]["new_columns"] == ["extra"]
+    assert body["records_read"] == 10
+    # With a filter the detail is read through the filtered queryset, as DRF's
+    # get_object() does: a run the filter excludes is a 404.
+    filtered = api.get(f"/api/v1/runs/{run.pk}/?state=running").json()
+    assert same(filtered, serialized())
+    assert api.get(f"/api/v1/runs/{run.pk}/?state=failed").status_code == 404
+    assert api.get("/api/v1/runs/999999999/").status_code == 404
+    assert api.get("/api/v1/runs/x/").status_code == 404
