@@ -18,6 +18,7 @@ plan raised, so well-behaved batches pay nothing for it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -445,6 +446,10 @@ def check_input_schema(schema: pa.Schema) -> None:
             raise InputSchemaError(f"the batch uses the reserved column {name!r}")
 
 
+#: Numbers the plan builds of this process (their stand-in tables' names).
+_BUILDS = itertools.count()
+
+
 class PlanBuilder:
     """Builds the plan of a step list for the batch registered as BATCH_VIEW."""
 
@@ -468,6 +473,11 @@ class PlanBuilder:
         # by the first map's integer fields that are that bare column.
         self.precast = {k.lower(): v for k, v in (precast or {}).items()}
         self.first_map = next((s.index for s in steps if isinstance(s, MapStep)), None)
+        # CTE name -> its bound column types, and the empty table standing in
+        # for it when a later CTE is bound (see `column_types`).
+        self._bound: dict[str, dict[str, str]] = {}
+        self._stand_ins: dict[str, str] = {}
+        self._serial = next(_BUILDS)
 
     @property
     def carried(self) -> str:
@@ -480,6 +490,14 @@ class PlanBuilder:
         Raises:
             StepConfigError: an expression does not bind against the columns.
         """
+        try:
+            return self._build()
+        finally:
+            for table in self._stand_ins.values():
+                self.con.execute(f"DROP TABLE IF EXISTS {table}")
+            self._stand_ins.clear()
+
+    def _build(self) -> Plan:
         plan = Plan(
             ctes=[
                 Cte(
@@ -554,12 +572,51 @@ class PlanBuilder:
         return "steps"
 
     def column_types(self, plan: Plan, name: str) -> dict[str, str]:
-        """Column name -> DuckDB type of CTE ``name`` (binds, does not run)."""
-        relation = self.con.sql(plan.query(upto=name))
-        return {
+        """Column name -> DuckDB type of CTE ``name`` (binds, does not run).
+
+        A CTE is bound once. The CTEs before it that were bound already are read
+        from empty temporary tables of their columns and types instead of being
+        bound again: binding the whole growing chain for each new CTE cost most
+        of a plan's time. A CTE whose types cannot make such a table (a type
+        with no SQL name) stays in the chain as its SQL.
+        """
+        known = self._bound.get(name)
+        if known is not None:
+            return known
+        end = next(i for i, cte in enumerate(plan.ctes) if cte.name == name)
+        parts = []
+        for cte in plan.ctes[: end + 1]:
+            table = self._stand_ins.get(cte.name)
+            sql = f"SELECT * FROM {table}" if table else cte.sql
+            parts.append(f"{cte.name} AS (\n{sql}\n)")
+        with_sql = ",\n".join(parts)
+        relation = self.con.sql(f"WITH {with_sql}\nSELECT * FROM {name}")
+        types = {
             col: str(typ)
             for col, typ in zip(relation.columns, relation.types, strict=True)
         }
+        self._bound[name] = types
+        self._stand_in(name, types)
+        return types
+
+    def _stand_in(self, name: str, types: Mapping[str, str]) -> None:
+        """An empty temporary table with CTE ``name``'s columns, if it can be made
+        (distinct column names, types DuckDB can name)."""
+        if len({c.lower() for c in types}) != len(types):
+            return
+        table = f"{INTERNAL_PREFIX}_bind{self._serial}_{len(self._stand_ins)}"
+        columns = ", ".join(f"{quote_ident(c)} {t}" for c, t in types.items())
+        try:
+            self.con.execute(f"CREATE TEMPORARY TABLE {table} ({columns})")
+        except duckdb.Error:
+            return
+        made = self.con.sql(f"SELECT * FROM {table}")
+        if made.columns != list(types) or [str(t) for t in made.types] != list(
+            types.values()
+        ):  # a type whose name reads back as another: keep binding the SQL
+            self.con.execute(f"DROP TABLE {table}")
+            return
+        self._stand_ins[name] = table
 
     def _bind(self, plan: Plan, source: str, probes: Sequence[tuple[str, str]]) -> None:
         """Bind the last CTE; on failure name the (path, SQL) probe that fails.

@@ -7,7 +7,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from transforms.engine import EngineError, InputSchemaError
+from transforms.engine import EngineError, InputSchemaError, StepConfigError
 
 FLIGHT_MAP = {
     "type": "map",
@@ -368,3 +368,50 @@ def test_closed_pipeline_refuses_to_run(compile_pipeline: Any, make_batch: Any) 
 
     with pytest.raises(EngineError, match="closed"):
         pipeline.run(make_batch(a=["1"]))
+
+
+def test_planning_leaves_no_stand_in_tables_and_keeps_nested_types(
+    compile_pipeline: Any, make_batch: Any
+) -> None:
+    """Each CTE is bound once against empty stand-in tables of the CTEs before
+    it: nested and parameterised types survive the round trip through a table,
+    and the tables are gone once the plan is built (also when it fails)."""
+    steps = [
+        {
+            "type": "map",
+            "fields": [
+                {"name": "n", "expr": "n", "type": "integer"},
+                {
+                    "name": "d",
+                    "expr": "d",
+                    "type": "decimal",
+                    "precision": 9,
+                    "scale": 2,
+                },
+                {"name": "tags", "expr": "string_split(t, ',')", "type": "json"},
+                {"name": "pair", "expr": "{'a': n, 'b c': t}", "type": "json"},
+            ],
+        },
+        {"type": "filter", "where": "n > 1"},
+        {"type": "validate", "rules": [{"field": "d", "rule": "range", "max": 50}]},
+    ]
+    pipeline = compile_pipeline(steps)
+    result = pipeline.run(
+        make_batch(n=["1", "2", "3"], d=["1.5", "2.25", "99"], t=["x,y", "z", "w"])
+    )
+    assert result.output["n"].to_pylist() == [2]
+    assert str(result.output["d"].to_pylist()[0]) == "2.25"
+    assert result.rejected["_error"].to_pylist() == ["d: 99.00 is above the maximum 50"]
+    temporary = "SELECT count(*) FROM duckdb_tables() WHERE temporary"
+    assert pipeline.con.sql(temporary).fetchall() == [(0,)]
+    broken = compile_pipeline(
+        [
+            {
+                "type": "map",
+                "fields": [{"name": "v", "expr": "nope + 1", "type": "integer"}],
+            }
+        ]
+    )
+    with pytest.raises(StepConfigError, match="nope"):
+        broken.run(make_batch(x=["1"]))
+    assert broken.con.sql(temporary).fetchall() == [(0,)]
