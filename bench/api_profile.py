@@ -6,8 +6,10 @@ The same setup as `bench/api.py` (a private database and Redis database, the
 production settings, 200 pipelines, 1000 queued runs, no worker), but no gunicorn
 and no wrk: this process calls `config.wsgi.application` (every middleware
 included) with WSGI environs like gunicorn builds them, `--requests` times for
-`GET /api/v1/runs/` and as many `POST /api/v1/pipelines/{id}/runs/` (each with its
-own `Idempotency-Key`, cycling over the pipelines), in `--rounds` alternating
+`GET /api/v1/runs/`, as many `POST /api/v1/pipelines/{id}/runs/` (each with its
+own `Idempotency-Key`, cycling over the pipelines) and as many
+`GET /api/v1/runs/{id}/` of a running run with 20 chunks (what `bench/batch.py`
+polls while a run works), in `--rounds` alternating
 rounds, and shows each endpoint's cheapest round (other processes on a shared
 machine only ever add to CPU time). Per request it reports:
 
