@@ -169,3 +169,36 @@ def planned(pg_sink, sent):
     services.plan_run(run.pk)
     chunks = {c.seq: str(c.attempt_token) for c in ChunkRun.objects.filter(run=run)}
     return run, table, chunks
+
+
+#: A 100-row generator pipeline's steps: rows with id > 95 are rejected.
+WINDOW_STEPS = [
+    {"type": "map", "fields": [{"name": "id", "expr": "id", "type": "integer"}]},
+    {"type": "validate", "rules": [{"field": "id", "rule": "range", "max": 95}]},
+]
+
+
+@pytest.fixture
+def window_pipeline(sqlite_sink):
+    """100 generated rows in 10 chunks of 10, a window of 3 chunks, into SQLite;
+    5 rows rejected."""
+    from connectors.models import Connector
+    from integration import services
+    from integration.models import Pipeline
+    from tests.helpers import unique
+
+    source = Connector.objects.create(
+        name=unique("gen"), kind="generator", config={"rows": 100}
+    )
+    p = Pipeline.objects.create(
+        name=unique("p"),
+        source=source,
+        sink=sqlite_sink,
+        steps=WINDOW_STEPS,
+        sink_options={"table": "t"},
+        chunk_rows=10,
+        max_in_flight=3,
+        max_rejected_ratio=0.5,
+    )
+    services.freeze_version(p)
+    return p

@@ -12,37 +12,16 @@ from connectors.exceptions import TerminalError
 from connectors.plugins.generator import GeneratorSource
 from integration import services, tasks
 from integration.models import ChunkRun, Pipeline, Run
-from tests.helpers import unique
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-STEPS = [
-    {"type": "map", "fields": [{"name": "id", "expr": "id", "type": "integer"}]},
-    {"type": "validate", "rules": [{"field": "id", "rule": "range", "max": 95}]},
-]
 CHUNKS = 10  # 100 rows in chunks of 10
 WINDOW = 3
 
 
 @pytest.fixture
-def pipeline(sqlite_sink):
-    from connectors.models import Connector
-
-    source = Connector.objects.create(
-        name=unique("gen"), kind="generator", config={"rows": 100}
-    )
-    p = Pipeline.objects.create(
-        name=unique("p"),
-        source=source,
-        sink=sqlite_sink,
-        steps=STEPS,
-        sink_options={"table": "t"},
-        chunk_rows=10,
-        max_in_flight=WINDOW,
-        max_rejected_ratio=0.5,
-    )
-    services.freeze_version(p)
-    return p
+def pipeline(window_pipeline):
+    return window_pipeline
 
 
 @pytest.fixture
@@ -61,6 +40,17 @@ def before_chunk(monkeypatch) -> Callable[[int, Callable[[], None]], None]:
     monkeypatch.setattr(GeneratorSource, "plan", hooked)
     monkeypatch.setattr(services, "PLAN_FLUSH_CHUNKS", 2)
     return hooks.__setitem__
+
+
+def plan_until_crash(run: Run, before_chunk) -> None:
+    """Run the plan task until it dies before yielding chunk 6 (five stored)."""
+
+    def crash() -> None:
+        raise RuntimeError("worker lost mid-plan")
+
+    before_chunk(6, crash)
+    with pytest.raises(RuntimeError):
+        services.plan_run(run.pk)
 
 
 def chunk_sends(sent) -> list[int]:
@@ -159,13 +149,7 @@ def test_an_interrupted_plan_resumes_keeping_the_chunks_it_stored(
     pipeline, sent, before_chunk
 ):
     run = services.start_run(pipeline.pk)
-
-    def crash() -> None:
-        raise RuntimeError("worker lost mid-plan")
-
-    before_chunk(6, crash)
-    with pytest.raises(RuntimeError):
-        services.plan_run(run.pk)
+    plan_until_crash(run, before_chunk)
     run.refresh_from_db()
     assert run.planned_at is None
     stored = dict(ChunkRun.objects.filter(run=run).values_list("seq", "attempt_token"))
@@ -192,13 +176,7 @@ def test_an_interrupted_plan_resumes_keeping_the_chunks_it_stored(
 
 def test_a_plan_resumed_over_a_changed_source_fails(pipeline, sent, before_chunk):
     run = services.start_run(pipeline.pk)
-
-    def crash() -> None:
-        raise RuntimeError("worker lost mid-plan")
-
-    before_chunk(6, crash)
-    with pytest.raises(RuntimeError):
-        services.plan_run(run.pk)
+    plan_until_crash(run, before_chunk)
     pipeline.source.config = {"rows": 200}
     pipeline.source.save()
     with pytest.raises(TerminalError, match="source changed while the run was"):

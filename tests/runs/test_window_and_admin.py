@@ -5,36 +5,14 @@ from __future__ import annotations
 import pytest
 
 from integration import services, tasks
-from integration.models import ChunkRun, DeadLetter, Pipeline, Run
-from tests.helpers import unique
+from integration.models import ChunkRun, DeadLetter, Run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-STEPS = [
-    {"type": "map", "fields": [{"name": "id", "expr": "id", "type": "integer"}]},
-    {"type": "validate", "rules": [{"field": "id", "rule": "range", "max": 95}]},
-]
-
 
 @pytest.fixture
-def pipeline(sqlite_sink):
-    from connectors.models import Connector
-
-    source = Connector.objects.create(
-        name=unique("gen"), kind="generator", config={"rows": 100}
-    )
-    p = Pipeline.objects.create(
-        name=unique("p"),
-        source=source,
-        sink=sqlite_sink,
-        steps=STEPS,
-        sink_options={"table": "t"},
-        chunk_rows=10,
-        max_in_flight=3,
-        max_rejected_ratio=0.5,
-    )
-    services.freeze_version(p)
-    return p
+def pipeline(window_pipeline):
+    return window_pipeline
 
 
 def in_flight(run) -> int:
