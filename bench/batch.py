@@ -44,6 +44,7 @@ from bench.common import (
     django_setup,
     machine,
     manage,
+    postmaster_pid,
     self_peak_rss_mb,
     service_env,
     start_gunicorn,
@@ -231,6 +232,11 @@ def run_batch(
     time.sleep(1)  # let the pool children finish importing before the clock starts
     after_hook = on_workers([w.pid for w in workers]) if on_workers else None
 
+    with db.connect() as conn:
+        postgres = postmaster_pid(conn)
+    if postgres is not None:
+        sampler.watch("postgres", postgres)  # every backend and helper process
+    cpu_mark = sampler.cpu_mark()
     start = time.perf_counter()
     run = api_call(base, "POST", f"/api/v1/pipelines/{pipeline_id}/runs/", token, {})
     while run["state"] not in TERMINAL:
@@ -239,6 +245,7 @@ def run_batch(
         if time.perf_counter() - start > args.timeout:
             raise SystemExit(f"run {run['id']} not finished after {args.timeout} s")
     seconds = time.perf_counter() - start
+    cpu = sampler.cpu_since(cpu_mark)
     profile = after_hook() if after_hook else None
     memory = sampler.stop()
 
@@ -285,6 +292,10 @@ def run_batch(
         "records_per_s": round(records / seconds),
         "peak_rss_mb": memory,
         "worker_peak_rss_mb_max": max(worker_rss, default=None),
+        # CPU seconds each process tree used from the API call to the terminal
+        # state; on a CPU-bound run their sum over `seconds` x CPUs is how busy
+        # the machine was, and the split says where the time went.
+        "cpu_seconds": cpu,
         "client_peak_rss_mb": self_peak_rss_mb(),
         "tasks": task_times([w.log_path for w in workers]),
         "chunk_timing": chunk_times(run["id"]),
@@ -326,6 +337,15 @@ def main() -> None:
         f"{result['records_per_s']:,} records/s ({result['run']['state']}); "
         f"worker peak RSS max {result['worker_peak_rss_mb_max']} MB; "
         f"see {DOC.relative_to(ROOT)}"
+    )
+    cpu = result["cpu_seconds"]
+    workers = sum(v for k, v in cpu.items() if k.startswith("worker"))
+    print(
+        f"CPU seconds during the run: workers {workers:.2f}, "
+        + ", ".join(
+            f"{k} {v:.2f}" for k, v in cpu.items() if not k.startswith("worker")
+        )
+        + f" ({os.cpu_count()} CPUs x {result['seconds']:.1f} s available)"
     )
     if result["run"]["state"] != "succeeded" or result["rows_in_sink"] != args.rows:
         raise SystemExit(

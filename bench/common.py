@@ -369,6 +369,34 @@ def _status_kb(pid: int) -> dict[str, int]:
     return values
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (`/proc/<pid>/stat`)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+        return None
+
+
+def postmaster_pid(conn: Any) -> int | None:
+    """The PostgreSQL server's main process (the parent of this session's
+    backend), when it runs on this machine."""
+    (backend,) = conn.execute("SELECT pg_backend_pid()").fetchone()
+    return _parent(backend)
+
+
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as fh:
@@ -390,7 +418,9 @@ class RssSampler:
 
     Per process: the peak of VmHWM (the kernel's own high-water mark, so a peak
     between two samples is not missed) and of VmRSS; per named tree: the peak of
-    the summed VmRSS.
+    the summed VmRSS. Also each process's CPU time as last seen, so `cpu_since`
+    gives the CPU seconds each tree used after a `cpu_mark` (a process that ends
+    between two samples loses at most its last 0.2 s).
     """
 
     def __init__(self, interval: float = 0.2) -> None:
@@ -440,7 +470,24 @@ class RssSampler:
                 )
                 entry["peak_hwm_kb"] = max(entry["peak_hwm_kb"], kb.get("VmHWM", 0))
                 entry["peak_rss_kb"] = max(entry["peak_rss_kb"], kb.get("VmRSS", 0))
+                cpu = _cpu_seconds(pid)
+                if cpu is not None:
+                    entry["cpu_s"] = cpu
             self.tree_peak_kb[label] = max(self.tree_peak_kb.get(label, 0), total)
+
+    def cpu_mark(self) -> dict[int, float]:
+        """Each known process's CPU seconds now (sampled at once)."""
+        self.sample()
+        return {pid: entry.get("cpu_s", 0.0) for pid, entry in self.procs.items()}
+
+    def cpu_since(self, mark: dict[int, float]) -> dict[str, float]:
+        """CPU seconds per tree since `mark` (processes started since count all)."""
+        self.sample()
+        used: dict[str, float] = {}
+        for pid, entry in self.procs.items():
+            spent = entry.get("cpu_s", 0.0) - mark.get(pid, 0.0)
+            used[entry["tree"]] = used.get(entry["tree"], 0.0) + max(spent, 0.0)
+        return {label: round(seconds, 2) for label, seconds in sorted(used.items())}
 
     def _loop(self) -> None:
         while not self._stop.is_set():
