@@ -40,3 +40,12 @@ def wait_for_run(run_id: int, timeout: float = 180, *, reconcile_stale: int = 0)
     raise AssertionError(
         f"run {run_id} not finished after {timeout}s: {run.state}; chunks {chunks}"
     )
+
+
+def run_chunk_steps(run_id: int, seq: int, token: str) -> None:
+    """Run a chunk's chain (extract, transform, load) in this process, as the
+    worker would: each completion may claim and send the next chunk."""
+    from integration import tasks
+
+    for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
+        step(run_id, seq, str(token))

@@ -13,6 +13,7 @@ import pytest
 
 from integration import services, staging, tasks
 from integration.models import ChunkRun, Run
+from tests.helpers import run_chunk_steps
 from tests.runs.conftest import sink_query
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -59,12 +60,10 @@ def test_two_concurrent_loads_of_one_chunk_write_each_row_once(planned, pg_sink)
 def test_redelivered_tasks_after_commit_change_nothing(planned, pg_sink, sent):
     run, table, tokens = planned
     token = tokens[1]
-    for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
-        step(run.pk, 1, token)
+    run_chunk_steps(run.pk, 1, token)
     before = rows(pg_sink, table)
     # The whole chain delivered again (acks_late redelivery after a lost ack).
-    for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
-        step(run.pk, 1, token)
+    run_chunk_steps(run.pk, 1, token)
     assert rows(pg_sink, table) == before == (500, 500, sum(range(501, 1001)))
     run.refresh_from_db()
     assert (run.chunks_done, run.records_written) == (1, 500)
@@ -83,8 +82,7 @@ def test_stale_attempt_is_fenced_and_newer_attempt_commits(planned, pg_sink, sen
     assert sent[-1][:4] == ("chunk", run.pk, 0, new)
     tasks.load_chunk(run.pk, 0, old)  # stale: returns quietly, writes nothing
     assert rows(pg_sink, table) == (0, 0, None)
-    for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
-        step(run.pk, 0, new)
+    run_chunk_steps(run.pk, 0, new)
     assert rows(pg_sink, table) == (500, 500, sum(range(1, 501)))
 
 
@@ -128,8 +126,7 @@ def test_missing_staged_batch_restarts_the_chunk_at_extract(planned, sent):
 def test_last_chunk_sends_finalize_and_run_succeeds(planned, pg_sink, sent):
     run, table, tokens = planned
     for seq, token in tokens.items():
-        for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
-            step(run.pk, seq, token)
+        run_chunk_steps(run.pk, seq, token)
     assert ("finalize", run.pk, run.correlation_id) in sent
     tasks.finalize_run(run.pk)
     run.refresh_from_db()

@@ -13,7 +13,7 @@ from django_celery_beat.models import PeriodicTask
 from connectors.models import Connector
 from integration import housekeeping, services, tasks
 from integration.models import ChunkRun, DeadLetter, Pipeline, Run
-from tests.helpers import unique, wait_for_run
+from tests.helpers import run_chunk_steps, unique, wait_for_run
 
 STEPS = [{"type": "map", "fields": [{"name": "id", "expr": "id", "type": "integer"}]}]
 
@@ -36,9 +36,8 @@ def generator_pipeline(sink, *, rows=50, chunk_rows=10, kind="generator", **conf
 
 
 def run_chunk(run_id: int, seq: int) -> None:
-    token = str(ChunkRun.objects.get(run_id=run_id, seq=seq).attempt_token)
-    for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
-        step(run_id, seq, token)
+    token = ChunkRun.objects.get(run_id=run_id, seq=seq).attempt_token
+    run_chunk_steps(run_id, seq, token)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -11,7 +11,7 @@ import pytest
 from connectors.models import Connector
 from integration import services, tasks
 from integration.models import ChunkRun, Pipeline, Run
-from tests.helpers import unique
+from tests.helpers import run_chunk_steps, unique
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -61,9 +61,7 @@ def drive(run_id: int) -> Run:
         if not pending.exists():
             break
         for chunk in pending:
-            token = str(chunk.attempt_token)
-            for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
-                step(run_id, chunk.seq, token)
+            run_chunk_steps(run_id, chunk.seq, chunk.attempt_token)
     tasks.finalize_run(run_id)
     return Run.objects.get(pk=run_id)
 

@@ -12,6 +12,7 @@ from connectors.exceptions import TerminalError
 from connectors.plugins.generator import GeneratorSource
 from integration import services, tasks
 from integration.models import ChunkRun, Pipeline, Run
+from tests.helpers import run_chunk_steps
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -64,9 +65,7 @@ def finish_in_flight(run: Run) -> None:
         .order_by("seq")
         .first()
     ):
-        token = str(chunk.attempt_token)
-        for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
-            step(run.pk, chunk.seq, token)
+        run_chunk_steps(run.pk, chunk.seq, chunk.attempt_token)
 
 
 def test_the_first_window_is_sent_before_the_plan_is_complete(

@@ -6,6 +6,7 @@ import pytest
 
 from integration import services, tasks
 from integration.models import ChunkRun, DeadLetter, Run
+from tests.helpers import run_chunk_steps
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -32,9 +33,7 @@ def test_window_keeps_at_most_n_chunks_in_flight(pipeline, sent):
             .order_by("seq")
             .first()
         )
-        token = str(chunk.attempt_token)
-        for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
-            step(run.pk, chunk.seq, token)
+        run_chunk_steps(run.pk, chunk.seq, chunk.attempt_token)
         assert in_flight(run) <= 3
     assert [c[2] for c in sent if c[0] == "chunk"] == list(range(10))
     assert [c for c in sent if c[0] == "finalize"] == [
@@ -51,8 +50,7 @@ def test_dead_letters_api_lists_the_runs_rejects(api, pipeline, sent):
     services.plan_run(run.pk)
     services.dispatch_chunks(run.pk, 10, run.correlation_id)
     for chunk in ChunkRun.objects.filter(run=run):
-        for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
-            step(run.pk, chunk.seq, str(chunk.attempt_token))
+        run_chunk_steps(run.pk, chunk.seq, chunk.attempt_token)
     body = api.get(f"/api/v1/runs/{run.pk}/dead-letters/").json()
     assert body["count"] == 5
     first = body["results"][0]
@@ -153,8 +151,7 @@ def test_run_detail_is_what_the_run_serializer_gives(api, pipeline, sent):
 
     services.plan_run(run.pk)
     first = ChunkRun.objects.filter(run=run).order_by("seq").first()
-    for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
-        step(run.pk, first.seq, str(first.attempt_token))
+    run_chunk_steps(run.pk, first.seq, first.attempt_token)
     ChunkRun.objects.filter(run=run, seq=1).update(
         stats={
             "references": {"airlines": {"source": "miss", "age_seconds": 2.5}},
