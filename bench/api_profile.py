@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import re
 import secrets
 import sys
@@ -56,21 +55,16 @@ from bench.common import (
     RESULTS_DIR,
     BenchDatabase,
     BenchRedis,
+    cpu_seconds,
     django_setup,
     manage,
     service_env,
 )
 
-TICK = os.sysconf("SC_CLK_TCK")
-
 
 def _proc_cpu_ms(pid: int) -> float:
     """utime + stime of a process in ms (0 when it is gone or not readable)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) * 1000 / TICK
+    return (cpu_seconds(pid) or 0.0) * 1000
 
 
 def _redis_pid() -> int | None:

@@ -372,22 +372,26 @@ def _status_kb(pid: int) -> dict[str, int]:
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (`/proc/<pid>/stat`)."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of `/proc/<pid>/stat` after the command name (state first)."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
+            return fh.read().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far."""
+    fields = _stat(pid)
+    return (
+        None if fields is None else (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    )
 
 
 def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[1])
-    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
-        return None
+    fields = _stat(pid)
+    return None if fields is None else int(fields[1])
 
 
 def postmaster_pid(conn: Any) -> int | None:
@@ -470,7 +474,7 @@ class RssSampler:
                 )
                 entry["peak_hwm_kb"] = max(entry["peak_hwm_kb"], kb.get("VmHWM", 0))
                 entry["peak_rss_kb"] = max(entry["peak_rss_kb"], kb.get("VmRSS", 0))
-                cpu = _cpu_seconds(pid)
+                cpu = cpu_seconds(pid)
                 if cpu is not None:
                     entry["cpu_s"] = cpu
             self.tree_peak_kb[label] = max(self.tree_peak_kb.get(label, 0), total)

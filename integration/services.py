@@ -453,16 +453,8 @@ def _stream_plan(run: Run, planned: Iterator[ChunkRun], fingerprint: str) -> boo
             return False
         batch, flushed = [], time.monotonic()
     total += len(batch)
-    with transaction.atomic():
-        ChunkRun.objects.bulk_create(batch, batch_size=1000, ignore_conflicts=True)
-        updated = Run.objects.filter(pk=run.pk, state=RunState.RUNNING).update(
-            chunks_total=total,
-            planned_at=timezone.now(),
-            source_fingerprint=fingerprint,
-        )
-        if not updated:
-            _skip_pending(run.pk)
-            return False
+    if not _store_chunks(run, batch, total, fingerprint, complete=True):
+        return False
     logger.info("run_planned", run_id=run.pk, chunks=total)
     if not sent:
         _prepare_sink(run)
@@ -470,22 +462,30 @@ def _stream_plan(run: Run, planned: Iterator[ChunkRun], fingerprint: str) -> boo
 
 
 def _store_chunks(
-    run: Run, batch: list[ChunkRun], total: int, fingerprint: str
+    run: Run,
+    batch: list[ChunkRun],
+    total: int,
+    fingerprint: str,
+    *,
+    complete: bool = False,
 ) -> bool:
-    """Store a step of a plan still being found and top up the window.
+    """Store a step of a plan and top up the window; the last step (`complete`)
+    sets `planned_at` instead (`plan_run` tops up after it).
 
     Returns:
         False when the run is no longer running (its stored chunks are skipped).
     """
+    done = {"planned_at": timezone.now()} if complete else {}
     with transaction.atomic():
         ChunkRun.objects.bulk_create(batch, batch_size=1000, ignore_conflicts=True)
         updated = Run.objects.filter(pk=run.pk, state=RunState.RUNNING).update(
-            chunks_total=total, source_fingerprint=fingerprint
+            chunks_total=total, source_fingerprint=fingerprint, **done
         )
         if not updated:
             _skip_pending(run.pk)
             return False
-        _top_up(run)
+        if not complete:
+            _top_up(run)
     return True
 
 

@@ -238,10 +238,15 @@ class _RunRows:
             return self.queryset.list_rows()[key]
         start, stop = key.start or 0, key.stop
         _count_sql, page_sql, params = _plain_run_list_sql()
-        with connection.cursor() as cursor:
-            cursor.execute(page_sql, [*params, stop - start, start])
-            names = [column[0] for column in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        return _dict_rows(page_sql, [*params, stop - start, start])
+
+
+def _dict_rows(sql: str, params: list[Any]) -> list[dict[str, Any]]:
+    """The rows of raw SQL as dicts by column name (as `.values()` gives them)."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
 @functools.cache
@@ -298,14 +303,12 @@ class RunViewSet(viewsets.ReadOnlyModelViewSet):
             found = next(iter(rows), None)
         else:
             sql, params = _run_detail_sql()
-            with connection.cursor() as cursor:
-                cursor.execute(sql, [*params[:-1], pk])
-                names = [column[0] for column in cursor.description]
-                found = next((dict(zip(names, r, strict=True)) for r in cursor), None)
+            found = next(iter(_dict_rows(sql, [*params[:-1], pk])), None)
         if found is None:
             raise Http404
+        # Lazy: read only when the run has chunks (`run_detail` checks).
         chunks = ChunkRun.objects.filter(run_id=pk).values_list("state", "stats")
-        return Response(run_detail(found, chunks if found["chunks_total"] else ()))
+        return Response(run_detail(found, chunks))
 
     @extend_schema(responses=DeadLetterSerializer(many=True))
     @action(detail=True, methods=["get"], url_path="dead-letters")

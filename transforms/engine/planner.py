@@ -140,12 +140,20 @@ class Plan:
     # rules) the rules a row violates; NULL for a row that violates none.
     violations: list[tuple[ValidateStep, str]] = field(default_factory=list)
 
-    def query(self, *, upto: str | None = None, select: str | None = None) -> str:
+    def query(
+        self,
+        *,
+        upto: str | None = None,
+        select: str | None = None,
+        stand_ins: Mapping[str, str] | None = None,
+    ) -> str:
         """SQL of the whole query, or of the CTEs up to ``upto`` (a CTE name).
 
         Args:
             upto: stop after this CTE; ``select`` defaults to all its columns.
             select: the final SELECT to use instead of the plan's.
+            stand_ins: CTE name -> a table with its columns, read instead of
+                the CTE's SQL (binding a plan being built).
 
         Returns:
             The SQL text.
@@ -155,7 +163,13 @@ class Plan:
             end = next(i for i, cte in enumerate(ctes) if cte.name == upto)
             ctes = ctes[: end + 1]
             select = select or f"SELECT * FROM {upto}"
-        with_sql = ",\n".join(f"{cte.name} AS (\n{cte.sql}\n)" for cte in ctes)
+        tables = stand_ins or {}
+        with_sql = ",\n".join(
+            f"{cte.name} AS (\n"
+            f"{f'SELECT * FROM {tables[cte.name]}' if cte.name in tables else cte.sql}"
+            "\n)"
+            for cte in ctes
+        )
         return f"WITH {with_sql}\n{select or self.final_sql}"
 
 
@@ -583,14 +597,7 @@ class PlanBuilder:
         known = self._bound.get(name)
         if known is not None:
             return known
-        end = next(i for i, cte in enumerate(plan.ctes) if cte.name == name)
-        parts = []
-        for cte in plan.ctes[: end + 1]:
-            table = self._stand_ins.get(cte.name)
-            sql = f"SELECT * FROM {table}" if table else cte.sql
-            parts.append(f"{cte.name} AS (\n{sql}\n)")
-        with_sql = ",\n".join(parts)
-        relation = self.con.sql(f"WITH {with_sql}\nSELECT * FROM {name}")
+        relation = self.con.sql(plan.query(upto=name, stand_ins=self._stand_ins))
         types = {
             col: str(typ)
             for col, typ in zip(relation.columns, relation.types, strict=True)
