@@ -208,3 +208,26 @@ def worker_factory(transactional_db, tmp_path) -> Iterator:
     for w in workers:
         w.stop()
     purge_broker()
+
+
+# --- What the service's own processes said, on a failure ---------------------------
+
+_LOG_SIGNS = ("Traceback", "ERROR", "CRITICAL", "Error", "raised", "  File ")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that ran worker or server processes gets their error lines
+    (from the `*.log` files in its tmp_path) as a report section, so a failure in
+    CI explains itself without the files."""
+    report = yield
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and call.when == "call" and isinstance(tmp_path, Path):
+        for log in sorted(tmp_path.rglob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()
+            signs = [line for line in lines if any(s in line for s in _LOG_SIGNS)]
+            if signs:
+                report.sections.append(
+                    (f"errors in {log.name}", "\n".join(signs[-80:])[-12000:])
+                )
+    return report
