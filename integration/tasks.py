@@ -24,12 +24,15 @@ from connectors.exceptions import (
 )
 from integration import drift, orchestration, runkeys, runtime, services, staging
 from integration.choices import RunState
-from transforms.engine import EngineError, EngineResult
+from transforms.engine import EngineError, EngineInterrupted, EngineResult
 
 logger = structlog.get_logger(__name__)
 
 _RETRY = {
-    "autoretry_for": (TransientError,),
+    # EngineInterrupted: a signal stopped DuckDB mid-query (the worker terminating
+    # the task after it lost the broker, a soft time limit); DuckDB swallows the
+    # signal handler's own exception, so without this the step would fail the run.
+    "autoretry_for": (TransientError, EngineInterrupted),
     "retry_backoff": 2,
     # Below the visibility timeout: a delayed retry waits unacknowledged in a
     # worker, and one waiting longer would be redelivered to another.

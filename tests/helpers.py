@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 
 def unique(prefix: str) -> str:
@@ -49,3 +54,30 @@ def run_chunk_steps(run_id: int, seq: int, token: str) -> None:
 
     for step in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
         step(run_id, seq, str(token))
+
+
+#: A DuckDB query that runs for minutes: long enough for any signal to land in it.
+ENDLESS_QUERY = "SELECT count(*) FROM range(1000000000000) t(x) WHERE x % 7 = 3"
+
+
+class Signalled(Exception):
+    """What the handler `signal_during` installs raises (as billiard's SIGTERM
+    handler raises SystemExit in a pool process)."""
+
+
+@contextlib.contextmanager
+def signal_during(seconds: float = 0.2) -> Iterator[None]:
+    """Send this process SIGUSR2 after `seconds`, handled by a Python handler that
+    raises `Signalled`, the way a Celery pool process handles its terminate signal."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Signalled(signum)
+
+    previous = signal.signal(signal.SIGUSR2, handler)
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGUSR2))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR2, previous)

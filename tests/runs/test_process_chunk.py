@@ -13,7 +13,7 @@ from connectors.exceptions import TransientError
 from connectors.plugins.sql.postgres import PostgresSink
 from integration import orchestration, services, staging, tasks
 from integration.models import ChunkRun, Pipeline
-from tests.helpers import unique
+from tests.helpers import ENDLESS_QUERY, signal_during, unique
 from tests.runs.conftest import STEPS
 from tests.runs.test_chunk_attempts import rows
 
@@ -112,6 +112,37 @@ def test_a_transient_load_failure_is_retried_by_load_chunk_without_reading_again
     assert staged(run.pk, 0, token) == []
     run.refresh_from_db()
     assert (run.records_read, run.records_written, run.chunks_done) == (500, 500, 1)
+
+
+def test_a_signal_that_stops_duckdb_retries_the_chunk_instead_of_failing_the_run(
+    planned, pg_sink, monkeypatch
+):
+    """A Celery pool process that lost the broker terminates its task with SIGTERM,
+    whose handler raises SystemExit; DuckDB turns that into `RuntimeError('Query
+    interrupted')`, which once failed the run. Now the step is retried (`apply`
+    runs Celery's retry at once, in this process)."""
+    from transforms.engine import CompiledPipeline
+
+    run, table, tokens = planned
+    original = CompiledPipeline._execute
+    calls: list[int] = []
+
+    def interrupted_once(self, plan, work):
+        calls.append(1)
+        if len(calls) == 1:
+            with signal_during(0.2):
+                self.con.sql(ENDLESS_QUERY).fetchall()
+        return original(self, plan, work)
+
+    monkeypatch.setattr(CompiledPipeline, "_execute", interrupted_once)
+    result = tasks.process_chunk.apply(args=(run.pk, 0, tokens[0]))
+
+    assert result.state == "SUCCESS", result.traceback
+    assert len(calls) == 2  # interrupted, then retried
+    run.refresh_from_db()
+    assert (run.state, run.error) == ("running", "")
+    assert rows(pg_sink, table) == (500, 500, sum(range(1, 501)))
+    assert (run.records_written, run.chunks_done) == (500, 1)
 
 
 def test_chunks_are_fused_unless_disabled_or_their_loads_wait_in_order(

@@ -69,11 +69,19 @@ def test_dead_letters_api_lists_the_runs_rejects(api, pipeline, sent):
 
 def test_chunk_tasks_are_crash_safe_and_retry_transient_errors():
     from connectors.exceptions import TransientError
+    from transforms.engine import EngineInterrupted
 
-    for task in (tasks.extract_chunk, tasks.transform_chunk, tasks.load_chunk):
+    chunk_tasks = (
+        tasks.process_chunk,
+        tasks.extract_chunk,
+        tasks.transform_chunk,
+        tasks.load_chunk,
+    )
+    for task in chunk_tasks:
         assert task.acks_late is True
         assert task.reject_on_worker_lost is True
         assert TransientError in task.autoretry_for
+        assert EngineInterrupted in task.autoretry_for
         assert task.retry_jitter is True
         assert task.retry_backoff
         assert 0 < task.soft_time_limit < task.time_limit

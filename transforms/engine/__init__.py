@@ -12,13 +12,19 @@ from transforms.engine.compiler import (
     compile_steps,
     merge_partials,
 )
-from transforms.engine.exceptions import EngineError, InputSchemaError, StepConfigError
+from transforms.engine.exceptions import (
+    EngineError,
+    EngineInterrupted,
+    InputSchemaError,
+    StepConfigError,
+)
 from transforms.engine.expressions import expression_columns
 from transforms.engine.steps import KeyScope
 
 __all__ = [
     "CompiledPipeline",
     "EngineError",
+    "EngineInterrupted",
     "EngineResult",
     "InputSchemaError",
     "KeyScope",

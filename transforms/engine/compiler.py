@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from transforms.engine.aggregate import AggregateQueries, merge, static_queries
-from transforms.engine.connection import connect, first_line
+from transforms.engine.connection import connect, first_line, interruptible
 from transforms.engine.exceptions import EngineError
 from transforms.engine.jsonrules import JsonCheck, compile_check
 from transforms.engine.lineage import column_lineage
@@ -348,6 +348,7 @@ class CompiledPipeline:
             outputs = self.output_schema.names
         return column_lineage(self.steps, outputs)
 
+    @interruptible
     def merge_partials(
         self, partial_tables: Sequence[pa.Table], *, final: bool = True
     ) -> pa.Table:
@@ -385,6 +386,7 @@ class CompiledPipeline:
             self.con, self._aggregate, partials, list(partial_tables), final=final
         )
 
+    @interruptible
     def run(
         self,
         batch: pa.RecordBatch | pa.Table,
@@ -410,6 +412,7 @@ class CompiledPipeline:
                 columns (checked once per new input schema).
             EngineError: the query failed for a reason no row explains, or a
                 reference dataset is missing or lacks a needed column.
+            EngineInterrupted: a signal to this process stopped DuckDB.
         """
         if self._needed:
             self._register_references(references or {}, complete=True)

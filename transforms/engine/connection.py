@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import duckdb
 
-from transforms.engine.exceptions import StepConfigError
+from transforms.engine.exceptions import EngineInterrupted, StepConfigError
 from transforms.engine.sql import sql_string
 
 
@@ -14,6 +16,34 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message (DuckDB appends SQL context)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def interrupted(error: BaseException) -> bool:
+    """Whether `error` is DuckDB reporting that a signal stopped its query."""
+    return isinstance(error, duckdb.InterruptException) or (
+        type(error) is RuntimeError and str(error) == "Query interrupted"
+    )
+
+
+def interruptible(method: _F) -> _F:
+    """Raise `EngineInterrupted` where DuckDB reports an interrupted query, instead
+    of the bare `RuntimeError` a caller would take for a failure of the batch."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except (RuntimeError, duckdb.InterruptException) as exc:
+            if interrupted(exc):
+                raise EngineInterrupted(
+                    "the query was interrupted by a signal to this process"
+                ) from exc
+            raise
+
+    return wrapper  # type: ignore[return-value]
 
 
 def connect(

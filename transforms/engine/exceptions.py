@@ -7,6 +7,16 @@ class EngineError(Exception):
     """Root of every error the record engine raises."""
 
 
+class EngineInterrupted(EngineError):
+    """DuckDB stopped a query because the process received a signal whose Python
+    handler raised: a Celery worker terminating its task (SIGTERM, e.g. after it
+    lost the broker), a soft time limit. DuckDB turns the handler's exception into
+    its own `RuntimeError('Query interrupted')`, so the signal's intent is lost;
+    this error stands for it. Nothing of the batch was produced: running the same
+    batch again gives the same result.
+    """
+
+
 class StepConfigError(EngineError):
     """The step configuration is invalid; fix the pipeline version.
 
