@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 import structlog
 from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
 from connectors.exceptions import (
@@ -29,10 +30,13 @@ from transforms.engine import EngineError, EngineInterrupted, EngineResult
 logger = structlog.get_logger(__name__)
 
 _RETRY = {
-    # EngineInterrupted: a signal stopped DuckDB mid-query (the worker terminating
-    # the task after it lost the broker, a soft time limit); DuckDB swallows the
-    # signal handler's own exception, so without this the step would fail the run.
-    "autoretry_for": (TransientError, EngineInterrupted),
+    # SoftTimeLimitExceeded: the attempt hung (most often waiting on a dependency
+    # that is restarting: a pooled connection waits up to connect_timeout + 20 s);
+    # the step is idempotent, so it is retried, and a step that keeps timing out
+    # fails the run once its retries are spent. EngineInterrupted: a signal stopped
+    # DuckDB mid-query (the soft time limit, or the worker terminating the task
+    # after it lost the broker); DuckDB swallows the signal handler's own exception.
+    "autoretry_for": (TransientError, SoftTimeLimitExceeded, EngineInterrupted),
     "retry_backoff": 2,
     # Below the visibility timeout: a delayed retry waits unacknowledged in a
     # worker, and one waiting longer would be redelivered to another.

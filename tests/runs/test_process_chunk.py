@@ -145,6 +145,35 @@ def test_a_signal_that_stops_duckdb_retries_the_chunk_instead_of_failing_the_run
     assert (run.records_written, run.chunks_done) == (500, 1)
 
 
+def test_a_soft_time_limit_retries_the_chunk_instead_of_failing_the_run(
+    planned, pg_sink, monkeypatch
+):
+    """A load that hung past the soft time limit (a pooled connection waiting for a
+    restarting database) is retried like a transient error; the retry loads the
+    chunk once."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    run, table, tokens = planned
+    original = PostgresSink.write
+    calls: list[int] = []
+
+    def hung_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise SoftTimeLimitExceeded()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PostgresSink, "write", hung_once)
+    result = tasks.process_chunk.apply(args=(run.pk, 0, tokens[0]))
+
+    assert result.state == "SUCCESS", result.traceback
+    assert len(calls) == 2
+    run.refresh_from_db()
+    assert (run.state, run.error) == ("running", "")
+    assert rows(pg_sink, table) == (500, 500, sum(range(1, 501)))
+    assert (run.records_written, run.chunks_done) == (500, 1)
+
+
 def test_chunks_are_fused_unless_disabled_or_their_loads_wait_in_order(
     planned, settings, pg_sink
 ):
