@@ -16,6 +16,7 @@ from integration.models import ChunkRun, Pipeline
 from tests.helpers import ENDLESS_QUERY, signal_during, unique
 from tests.runs.conftest import STEPS
 from tests.runs.test_chunk_attempts import rows
+from transforms.engine import CompiledPipeline
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -114,60 +115,50 @@ def test_a_transient_load_failure_is_retried_by_load_chunk_without_reading_again
     assert (run.records_read, run.records_written, run.chunks_done) == (500, 500, 1)
 
 
-def test_a_signal_that_stops_duckdb_retries_the_chunk_instead_of_failing_the_run(
-    planned, pg_sink, monkeypatch
-):
-    """A Celery pool process that lost the broker terminates its task with SIGTERM,
-    whose handler raises SystemExit; DuckDB turns that into `RuntimeError('Query
-    interrupted')`, which once failed the run. Now the step is retried (`apply`
-    runs Celery's retry at once, in this process)."""
-    from transforms.engine import CompiledPipeline
-
-    run, table, tokens = planned
-    original = CompiledPipeline._execute
-    calls: list[int] = []
-
-    def interrupted_once(self, plan, work):
-        calls.append(1)
-        if len(calls) == 1:
-            with signal_during(0.2):
-                self.con.sql(ENDLESS_QUERY).fetchall()
-        return original(self, plan, work)
-
-    monkeypatch.setattr(CompiledPipeline, "_execute", interrupted_once)
-    result = tasks.process_chunk.apply(args=(run.pk, 0, tokens[0]))
-
-    assert result.state == "SUCCESS", result.traceback
-    assert len(calls) == 2  # interrupted, then retried
-    run.refresh_from_db()
-    assert (run.state, run.error) == ("running", "")
-    assert rows(pg_sink, table) == (500, 500, sum(range(1, 501)))
-    assert (run.records_written, run.chunks_done) == (500, 1)
+def _interrupt_duckdb(pipeline, *args):
+    """What a worker that lost the broker does to its running task: SIGTERM, whose
+    handler raises SystemExit; DuckDB turns that into `RuntimeError('Query
+    interrupted')`, which once failed the run."""
+    with signal_during(0.2):
+        pipeline.con.sql(ENDLESS_QUERY).fetchall()
 
 
-def test_a_soft_time_limit_retries_the_chunk_instead_of_failing_the_run(
-    planned, pg_sink, monkeypatch
-):
-    """A load that hung past the soft time limit (a pooled connection waiting for a
-    restarting database) is retried like a transient error; the retry loads the
-    chunk once."""
+def _hang_past_the_soft_limit(*args):
+    """A load that waited past the soft time limit (a pooled connection waiting for
+    a restarting database)."""
     from celery.exceptions import SoftTimeLimitExceeded
 
-    run, table, tokens = planned
-    original = PostgresSink.write
+    raise SoftTimeLimitExceeded()
+
+
+@pytest.mark.parametrize(
+    ("owner", "method", "failure"),
+    [
+        (CompiledPipeline, "_execute", _interrupt_duckdb),
+        (PostgresSink, "write", _hang_past_the_soft_limit),
+    ],
+    ids=["duckdb-interrupted", "soft-time-limit"],
+)
+def test_an_interrupted_step_is_retried_instead_of_failing_the_run(
+    planned, pg_sink, monkeypatch, owner, method, failure
+):
+    """The first attempt fails as `failure` does; the retry (`apply` runs Celery's
+    retry at once, in this process) loads the chunk once."""
+    original = getattr(owner, method)
     calls: list[int] = []
 
-    def hung_once(self, *args, **kwargs):
+    def fails_once(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
-            raise SoftTimeLimitExceeded()
+            failure(self, *args)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(PostgresSink, "write", hung_once)
+    monkeypatch.setattr(owner, method, fails_once)
+    run, table, tokens = planned
     result = tasks.process_chunk.apply(args=(run.pk, 0, tokens[0]))
 
     assert result.state == "SUCCESS", result.traceback
-    assert len(calls) == 2
+    assert len(calls) == 2  # failed, then retried
     run.refresh_from_db()
     assert (run.state, run.error) == ("running", "")
     assert rows(pg_sink, table) == (500, 500, sum(range(1, 501)))
