@@ -202,3 +202,17 @@ def window_pipeline(sqlite_sink):
     )
     services.freeze_version(p)
     return p
+
+
+def finalize_window_run(run, sent) -> None:
+    """Run the one finalize that was sent (by the last chunk, or by the plan) and
+    check the window pipeline's outcome: 100 rows read, 95 written, 5 rejected."""
+    from integration import tasks
+
+    assert [c for c in sent if c[0] == "finalize"] == [
+        ("finalize", run.pk, run.correlation_id)
+    ]
+    tasks.finalize_run(run.pk)
+    run.refresh_from_db()
+    assert run.state == "succeeded_with_errors"
+    assert (run.records_read, run.records_written, run.records_rejected) == (100, 95, 5)

@@ -13,6 +13,7 @@ from connectors.plugins.generator import GeneratorSource
 from integration import services, tasks
 from integration.models import ChunkRun, Pipeline, Run
 from tests.helpers import run_chunk_steps
+from tests.runs.conftest import finalize_window_run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -107,13 +108,7 @@ def test_chunks_finished_while_planning_do_not_finalize_the_run(
     assert sorted(chunk_sends(sent)) == list(range(8))
     finish_in_flight(run)
     assert sorted(chunk_sends(sent)) == list(range(CHUNKS))
-    assert [c for c in sent if c[0] == "finalize"] == [
-        ("finalize", run.pk, run.correlation_id)
-    ]
-    tasks.finalize_run(run.pk)
-    run.refresh_from_db()
-    assert run.state == "succeeded_with_errors"
-    assert (run.records_read, run.records_written, run.records_rejected) == (100, 95, 5)
+    finalize_window_run(run, sent)
 
 
 def test_the_last_chunk_done_before_the_plan_completes_is_finalized_by_the_plan(
@@ -135,13 +130,7 @@ def test_the_last_chunk_done_before_the_plan_completes_is_finalized_by_the_plan(
     monkeypatch.setattr(services, "_store_chunks", store_then_finish)
     # 10 chunks with a window of 10: the first step stores all of them.
     services.plan_run(run.pk)
-    assert [c for c in sent if c[0] == "finalize"] == [
-        ("finalize", run.pk, run.correlation_id)
-    ]
-    tasks.finalize_run(run.pk)
-    run.refresh_from_db()
-    assert run.state == "succeeded_with_errors"
-    assert run.records_written == 95
+    finalize_window_run(run, sent)
 
 
 def test_an_interrupted_plan_resumes_keeping_the_chunks_it_stored(

@@ -7,6 +7,7 @@ import pytest
 from integration import services, tasks
 from integration.models import ChunkRun, DeadLetter, Run
 from tests.helpers import run_chunk_steps
+from tests.runs.conftest import finalize_window_run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,13 +37,7 @@ def test_window_keeps_at_most_n_chunks_in_flight(pipeline, sent):
         run_chunk_steps(run.pk, chunk.seq, chunk.attempt_token)
         assert in_flight(run) <= 3
     assert [c[2] for c in sent if c[0] == "chunk"] == list(range(10))
-    assert [c for c in sent if c[0] == "finalize"] == [
-        ("finalize", run.pk, run.correlation_id)
-    ]
-    tasks.finalize_run(run.pk)
-    run.refresh_from_db()
-    assert run.state == "succeeded_with_errors"
-    assert (run.records_read, run.records_written, run.records_rejected) == (100, 95, 5)
+    finalize_window_run(run, sent)
 
 
 def test_dead_letters_api_lists_the_runs_rejects(api, pipeline, sent):

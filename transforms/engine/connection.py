@@ -21,7 +21,7 @@ def first_line(error: BaseException) -> str:
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def interrupted(error: BaseException) -> bool:
+def _interrupted(error: BaseException) -> bool:
     """Whether `error` is DuckDB reporting that a signal stopped its query."""
     return isinstance(error, duckdb.InterruptException) or (
         type(error) is RuntimeError and str(error) == "Query interrupted"
@@ -37,7 +37,7 @@ def interruptible(method: _F) -> _F:
         try:
             return method(*args, **kwargs)
         except (RuntimeError, duckdb.InterruptException) as exc:
-            if interrupted(exc):
+            if _interrupted(exc):
                 raise EngineInterrupted(
                     "the query was interrupted by a signal to this process"
                 ) from exc
