@@ -16,6 +16,7 @@ import structlog
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 
 from connectors.exceptions import (
     ConfigError,
@@ -36,7 +37,16 @@ _RETRY = {
     # fails the run once its retries are spent. EngineInterrupted: a signal stopped
     # DuckDB mid-query (the soft time limit, or the worker terminating the task
     # after it lost the broker); DuckDB swallows the signal handler's own exception.
-    "autoretry_for": (TransientError, SoftTimeLimitExceeded, EngineInterrupted),
+    # OperationalError, InterfaceError: the metadata database went away (restart,
+    # failover, a dropped connection). Failing the run for it would be a race: the
+    # run is failed only when the database is back in time for `on_failure`.
+    "autoretry_for": (
+        TransientError,
+        SoftTimeLimitExceeded,
+        EngineInterrupted,
+        OperationalError,
+        InterfaceError,
+    ),
     "retry_backoff": 2,
     # Below the visibility timeout: a delayed retry waits unacknowledged in a
     # worker, and one waiting longer would be redelivered to another.

@@ -305,7 +305,7 @@ def test_postgres_stopped_immediately_mid_run_then_restarted(
                     break
             service.shell(RECONCILE)
             time.sleep(1)
-        assert run.get("state") == "succeeded", run
+        assert run.get("state") == "succeeded", run.get("error", run)
         assert (run["records_read"], run["records_written"]) == (ROWS, ROWS)
         assert run["chunks_done"] == ROWS // 10
         with pg_cluster.connect("dis") as conn:

@@ -131,13 +131,22 @@ def _hang_past_the_soft_limit(*args):
     raise SoftTimeLimitExceeded()
 
 
+def _lose_the_metadata_database(*args):
+    """The metadata database restarted under the step. The run was once failed
+    for it whenever the database was back in time for the task's `on_failure`."""
+    from django.db import OperationalError
+
+    raise OperationalError("consuming input failed: server closed the connection")
+
+
 @pytest.mark.parametrize(
     ("owner", "method", "failure"),
     [
         (CompiledPipeline, "_execute", _interrupt_duckdb),
         (PostgresSink, "write", _hang_past_the_soft_limit),
+        (services, "admit_chunk", _lose_the_metadata_database),
     ],
-    ids=["duckdb-interrupted", "soft-time-limit"],
+    ids=["duckdb-interrupted", "soft-time-limit", "metadata-database-lost"],
 )
 def test_an_interrupted_step_is_retried_instead_of_failing_the_run(
     planned, pg_sink, monkeypatch, owner, method, failure
