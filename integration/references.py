@@ -4,7 +4,9 @@ A reference is read from a source connector, cut to the columns the steps need,
 and cached twice with the reference's TTL: in Redis as an Arrow IPC blob (shared by
 every worker) and in the process (the engine registers a table once and reuses it
 while it is handed the same object). Each chunk records where its references came
-from (memory, redis, or a miss that read the connector) and how old they were.
+from (memory, redis, or a miss that read the connector) and how old they were. A
+Redis that cannot answer costs only the shared cache: the reference is read from
+its connector.
 """
 
 from __future__ import annotations
@@ -48,7 +50,22 @@ def _redis() -> Any:
         return None
     import redis
 
-    return redis.Redis.from_url(settings.REDIS_URL)
+    return redis.Redis.from_url(
+        settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=10
+    )
+
+
+def _shared(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """A call on the shared cache; None when Redis cannot answer. The cache only
+    saves reads: a Redis that is restarting or full must not fail the chunk, which
+    then reads the reference from its connector."""
+    import redis
+
+    try:
+        return call(*args, **kwargs)
+    except redis.RedisError as exc:
+        logger.warning("reference_cache_unavailable", error_class=type(exc).__name__)
+        return None
 
 
 def _read(ref: dict[str, Any], columns: list[str]) -> pa.Table:
@@ -89,7 +106,7 @@ def load(
         return entry[0], {"source": "memory", "age_seconds": round(now - entry[1], 3)}
     client = _redis()
     if client is not None and ttl > 0:
-        blob = client.get(key)
+        blob = _shared(client.get, key)
         if blob is not None:
             table = from_ipc(blob)
             loaded_at = float((table.schema.metadata or {}).get(_LOADED_AT, now))
@@ -103,7 +120,7 @@ def load(
         return table, {"source": "miss", "age_seconds": 0.0}
     if client is not None and ttl > 0:
         stamped = table.replace_schema_metadata({_LOADED_AT: str(now).encode()})
-        client.set(key, to_ipc(stamped), ex=ttl)
+        _shared(client.set, key, to_ipc(stamped), ex=ttl)
     with _lock:
         _local[key] = (table, now)
     logger.info("reference_loaded", reference=name, rows=table.num_rows)
