@@ -184,13 +184,22 @@ class Worker:
 
 
 def purge_broker() -> None:
+    """Empty the queues, and forget what earlier tests' workers left delivered but
+    unacknowledged: a worker a test SIGKILLed leaves its messages in Redis's unacked
+    hash until the visibility timeout (over an hour with the test settings), which
+    a later test waiting for the broker to drain would wait for. Only called while
+    no test worker runs."""
     from config.celery_app import app
 
     with app.connection_for_write() as conn:
+        channel = conn.default_channel
         for queue in ("control", "io", "cpu"):
             # A queue that does not exist yet has nothing to purge.
             with contextlib.suppress(Exception):
-                conn.default_channel.queue_purge(queue)
+                channel.queue_purge(queue)
+        channel.client.delete(
+            channel.unacked_key, channel.unacked_index_key, channel.unacked_mutex_key
+        )
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import pytest
 
 from integration import orchestration, services
 from integration.models import ChunkRun, DeadLetter, Pipeline, RunKey
-from tests.faults.conftest import wait_until
 from tests.helpers import unique, wait_for_run
 from tests.runs.conftest import sink_query
 
@@ -188,9 +187,9 @@ def test_every_chain_delivered_twice_still_one_row_per_key(
     run = wait_for_run(run.pk, timeout=5)
     assert run.state == "succeeded", run.error
     assert {seq for seq, _ in duplicated} == set(range(12))
-    from tests.faults.test_duplicate_delivery import broker_idle
+    from tests.faults.test_duplicate_delivery import wait_for_broker_to_drain
 
-    wait_until(broker_idle, timeout=60, interval=0.2, what="duplicates to drain")
+    wait_for_broker_to_drain()
     want = kept(rows, "first")
     assert sink_rows(pg_sink, table) == want
     assert (run.records_written, run.records_deduplicated) == (
