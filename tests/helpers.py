@@ -9,6 +9,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 
 def unique(prefix: str) -> str:
@@ -81,3 +83,25 @@ def signal_during(seconds: float = 0.2) -> Iterator[None]:
     finally:
         timer.cancel()
         signal.signal(signal.SIGUSR2, previous)
+
+
+def airlines_reference(tmp_path: Path) -> tuple[dict[str, Any], Path]:
+    """A reference for enrich steps: a SQLite `airlines` table (UA United, AA
+    American) behind a `sqlite` connector. Returns the pipeline's reference entry
+    and the database file (to change the rows under it)."""
+    import sqlite3
+    from contextlib import closing
+
+    from connectors.models import Connector
+
+    db = tmp_path / "ref.db"
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE airlines (carrier TEXT PRIMARY KEY, name TEXT)")
+        conn.executemany(
+            "INSERT INTO airlines VALUES (?, ?)", [("UA", "United"), ("AA", "American")]
+        )
+        conn.commit()
+    connector = Connector.objects.create(
+        name=unique("ref"), kind="sqlite", config={"path": str(db)}
+    )
+    return {"connector": connector.name, "options": {"table": "airlines"}}, db

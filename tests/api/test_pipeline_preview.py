@@ -9,7 +9,7 @@ from pathlib import Path
 
 from integration import services
 from integration.models import Pipeline, Run
-from tests.helpers import unique
+from tests.helpers import airlines_reference, unique
 
 
 def make_pipeline(source, sink, steps) -> Pipeline:
@@ -119,26 +119,12 @@ def test_preview_refuses_bad_input_with_the_field(
 def test_preview_reads_references_without_filling_the_caches(
     api, generator_connector, sqlite_sink, tmp_path
 ):
-    import sqlite3
-    from contextlib import closing
-
     import redis
     from django.conf import settings
 
-    from connectors.models import Connector
     from integration import references
 
-    db = tmp_path / "ref.db"
-    with closing(sqlite3.connect(db)) as conn:
-        conn.execute("CREATE TABLE airlines (carrier TEXT PRIMARY KEY, name TEXT)")
-        conn.executemany(
-            "INSERT INTO airlines VALUES (?, ?)", [("UA", "United"), ("AA", "American")]
-        )
-        conn.commit()
-    ref_connector = Connector.objects.create(
-        name=unique("ref"), kind="sqlite", config={"path": str(db)}
-    )
-    ref = {"connector": ref_connector.name, "options": {"table": "airlines"}}
+    ref, _db = airlines_reference(tmp_path)
     steps = [
         {
             "type": "enrich",

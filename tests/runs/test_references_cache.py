@@ -13,9 +13,8 @@ import pytest
 import redis
 from django.conf import settings
 
-from connectors.models import Connector
 from integration import references
-from tests.helpers import unique
+from tests.helpers import airlines_reference
 
 pytestmark = pytest.mark.django_db
 
@@ -24,18 +23,8 @@ COLUMNS = ["carrier", "name"]
 
 @pytest.fixture
 def airlines(tmp_path):
-    """A reference read from a SQLite table; `rows` can be changed under it."""
-    db = tmp_path / "ref.db"
-    with closing(sqlite3.connect(db)) as conn:
-        conn.execute("CREATE TABLE airlines (carrier TEXT PRIMARY KEY, name TEXT)")
-        conn.executemany(
-            "INSERT INTO airlines VALUES (?, ?)", [("UA", "United"), ("AA", "American")]
-        )
-        conn.commit()
-    connector = Connector.objects.create(
-        name=unique("ref"), kind="sqlite", config={"path": str(db)}
-    )
-    ref = {"connector": connector.name, "options": {"table": "airlines"}}
+    """A reference read from a SQLite table, and that table's file."""
+    ref, db = airlines_reference(tmp_path)
     references.clear_local()
     yield ref, db
     references.clear_local()
