@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -105,3 +106,43 @@ def airlines_reference(tmp_path: Path) -> tuple[dict[str, Any], Path]:
         name=unique("ref"), kind="sqlite", config={"path": str(db)}
     )
     return {"connector": connector.name, "options": {"table": "airlines"}}, db
+
+
+def broker_backlog() -> dict[str, Any]:
+    """What the test broker still holds: messages waiting per queue, and each
+    message delivered but not yet acknowledged (task name, seconds since delivery)."""
+    from config.celery_app import app
+
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        client = channel.client
+        waiting = {q: client.llen(q) for q in ("control", "io", "cpu")}
+        delivered = dict(
+            client.zrange(channel.unacked_index_key, 0, -1, withscores=True)
+        )
+        # HGETALL is not among the commands kombu prefixes: the whole key, then.
+        held = client.hgetall(channel.global_keyprefix + channel.unacked_key)
+    unacked = [
+        (
+            json.loads(raw)[0].get("headers", {}).get("task"),
+            round(time.time() - delivered.get(tag, 0), 1),
+        )
+        for tag, raw in held.items()
+    ]
+    return {"waiting": waiting, "unacked": sorted(unacked, key=str)}
+
+
+def broker_idle() -> bool:
+    """No message waiting in a queue and none delivered but not yet acknowledged."""
+    backlog = broker_backlog()
+    return not any(backlog["waiting"].values()) and not backlog["unacked"]
+
+
+def wait_for_broker_to_drain(timeout: float = 60) -> None:
+    """Wait until `broker_idle`; on a timeout, say what the broker still holds."""
+    from tests.faults.conftest import wait_until
+
+    try:
+        wait_until(broker_idle, timeout=timeout, interval=0.2, what="the broker")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: still held {broker_backlog()}") from None

@@ -7,16 +7,13 @@ with the same token while the run goes on.
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any
 
 import pytest
 
 from integration import orchestration, services, tasks
 from integration.models import ChunkRun, DeadLetter
-from tests.faults.conftest import wait_until
-from tests.helpers import wait_for_run
+from tests.helpers import wait_for_broker_to_drain, wait_for_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -86,49 +83,6 @@ def test_each_step_delivered_twice_in_process(numbered, sink_db, sent):
     chunks = ChunkRun.objects.filter(run=run)
     assert set(chunks.values_list("state", "crashes")) == {("done", 0)}
     assert sink_db.missing_and_duplicates(table, rows) == (0, 0)
-
-
-def broker_backlog() -> dict[str, Any]:
-    """What the broker still holds: messages waiting per queue, and each message
-    delivered but not yet acknowledged (task name, seconds since delivery)."""
-    from config.celery_app import app
-
-    with app.connection_for_write() as conn:
-        channel = conn.default_channel
-        client = channel.client
-        waiting = {q: client.llen(q) for q in ("control", "io", "cpu")}
-        delivered = dict(
-            client.zrange(channel.unacked_index_key, 0, -1, withscores=True)
-        )
-        count = client.hlen(channel.unacked_key)
-        # HGETALL is not among the commands kombu prefixes: the whole key, then.
-        held = client.hgetall(channel.global_keyprefix + channel.unacked_key)
-        unacked = [
-            (
-                json.loads(raw)[0].get("headers", {}).get("task"),
-                round(time.time() - delivered.get(tag, 0), 1),
-            )
-            for tag, raw in held.items()
-        ]
-    return {
-        "waiting": waiting,
-        "unacked_count": count,
-        "unacked": sorted(unacked, key=str),
-    }
-
-
-def broker_idle() -> bool:
-    """No message waiting in a queue and none delivered but not yet acknowledged."""
-    backlog = broker_backlog()
-    return not any(backlog["waiting"].values()) and not backlog["unacked_count"]
-
-
-def wait_for_broker_to_drain(timeout: float = 60) -> None:
-    """Wait until `broker_idle`; on a timeout, say what the broker still holds."""
-    try:
-        wait_until(broker_idle, timeout=timeout, interval=0.2, what="the broker")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}: still held {broker_backlog()}") from None
 
 
 def test_every_chain_published_twice_to_real_workers(numbered, sink_db, worker_factory):

@@ -16,7 +16,7 @@ import pytest
 
 from integration import orchestration, services
 from integration.models import ChunkRun, DeadLetter, Pipeline, RunKey
-from tests.helpers import unique, wait_for_run
+from tests.helpers import unique, wait_for_broker_to_drain, wait_for_run
 from tests.runs.conftest import sink_query
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -187,8 +187,6 @@ def test_every_chain_delivered_twice_still_one_row_per_key(
     run = wait_for_run(run.pk, timeout=5)
     assert run.state == "succeeded", run.error
     assert {seq for seq, _ in duplicated} == set(range(12))
-    from tests.faults.test_duplicate_delivery import wait_for_broker_to_drain
-
     wait_for_broker_to_drain()
     want = kept(rows, "first")
     assert sink_rows(pg_sink, table) == want

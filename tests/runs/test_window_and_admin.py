@@ -64,6 +64,7 @@ def test_dead_letters_api_lists_the_runs_rejects(api, pipeline, sent):
 
 def test_chunk_tasks_are_crash_safe_and_retry_transient_errors():
     from celery.exceptions import SoftTimeLimitExceeded
+    from django.db import InterfaceError, OperationalError
 
     from connectors.exceptions import TransientError
     from transforms.engine import EngineInterrupted
@@ -80,6 +81,7 @@ def test_chunk_tasks_are_crash_safe_and_retry_transient_errors():
         assert TransientError in task.autoretry_for
         assert EngineInterrupted in task.autoretry_for
         assert SoftTimeLimitExceeded in task.autoretry_for
+        assert {OperationalError, InterfaceError} <= set(task.autoretry_for)
         assert task.retry_jitter is True
         assert task.retry_backoff
         assert 0 < task.soft_time_limit < task.time_limit
