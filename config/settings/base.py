@@ -181,6 +181,9 @@ SPECTACULAR_SETTINGS = {
 # --- Celery ---------------------------------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="")
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
+if CELERY_BROKER_URL.startswith("redis://"):
+    # kombu's Redis transport, reusing one client per channel (config/broker.py).
+    CELERY_BROKER_TRANSPORT = "config.broker:Transport"
 #: Longest hard time limit of any task; the broker's visibility timeout stays above it.
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=30 * 60)
 CELERY_TASK_SOFT_TIME_LIMIT = max(
