@@ -34,6 +34,7 @@ from transforms.engine.planner import (
     BATCH_VIEW,
     DUPES,
     ERR,
+    PRECAST_TYPES,
     RAISED,
     RAISED_MARK,
     REF_POS,
@@ -169,9 +170,10 @@ class CompiledPipeline:
         precast: bool = True,
     ) -> None:
         self.steps = list(steps)
-        # Input columns whose integer fields may read an Arrow pre-cast, and
-        # per input schema the sets of pre-cast columns planned so far.
-        self._precast = precast_candidates(self.steps) if precast else frozenset()
+        # Input columns whose integer or timestamptz fields may read an Arrow
+        # pre-cast (with that type), and per input schema the sets of pre-cast
+        # columns planned so far.
+        self._precast = precast_candidates(self.steps) if precast else {}
         self._precast_variants: dict[_SchemaKey, list[tuple[str, ...]]] = {}
         self._needed = reference_columns(self.steps)
         self._reference_tables: list[ReferenceTable] = reference_tables(self.steps)
@@ -428,7 +430,9 @@ class CompiledPipeline:
         rows_in = table.num_rows
         work = table
         for name, companion in precast_columns(table.schema, precast).items():
-            work = work.append_column(pa.field(companion, pa.int64()), casts[name])
+            work = work.append_column(
+                pa.field(companion, casts[name].type), casts[name]
+            )
         work = work.append_column(RID, pa.array(np.arange(rows_in, dtype=np.int64)))
         failures: list[_Failure] = []
         try:
@@ -517,10 +521,9 @@ class CompiledPipeline:
         self, schema: pa.Schema, precast: tuple[str, ...] = ()
     ) -> pa.Table:
         table = schema.empty_table()
-        for companion in precast_columns(schema, precast).values():
-            table = table.append_column(
-                pa.field(companion, pa.int64()), pa.array([], pa.int64())
-            )
+        for name, companion in precast_columns(schema, precast).items():
+            type_ = PRECAST_TYPES[self._precast[name.lower()]]
+            table = table.append_column(pa.field(companion, type_), pa.array([], type_))
         return table.append_column(RID, pa.array([], pa.int64()))
 
     def _key(self, schema: pa.Schema, precast: tuple[str, ...] = ()) -> _PlanKey:
@@ -533,17 +536,17 @@ class CompiledPipeline:
         return _schema_key(schema), refs, precast
 
     def _precast_batch(self, table: pa.Table) -> dict[str, pa.ChunkedArray]:
-        """The batch's candidate columns whose strict integer cast Arrow can
-        do instead of DuckDB, cast to int64, in input order.
+        """The batch's candidate columns whose strict cast Arrow can do instead
+        of DuckDB, cast (int64 or UTC timestamps), in input order.
 
-        A column qualifies only when the result is provably the strict cast's:
-        every non-null value is ASCII ``[+-]?[0-9]+`` (Arrow's cast alone
-        also takes ``0x1F``, which the strict cast refuses) and Arrow's cast
-        succeeds for all (it refuses a leading ``+``, spaces, ``''`` and
-        overflow, which the strict cast may take or reject: such a column
-        stays a string and DuckDB casts it as before). Past
-        MAX_PRECAST_VARIANTS distinct sets for the schema, a planned subset
-        is used.
+        A column qualifies only when the result is provably the strict cast's.
+        For an integer field: every non-null value is ASCII ``[+-]?[0-9]+``
+        (Arrow's cast alone also takes ``0x1F``, which the strict cast refuses)
+        and Arrow's cast succeeds for all (it refuses a leading ``+``, spaces,
+        ``''`` and overflow, which the strict cast may take or reject: such a
+        column stays a string and DuckDB casts it as before). For a
+        timestamptz field: see `_utc_timestamps`. Past MAX_PRECAST_VARIANTS
+        distinct sets for the schema, a planned subset is used.
         """
         if not self._precast or table.num_rows == 0:
             return {}  # an empty batch would plan a set for nothing
@@ -552,21 +555,19 @@ class CompiledPipeline:
             by_name.setdefault(f.name.lower(), []).append(f)
         casts: dict[str, pa.ChunkedArray] = {}
         for f in table.schema:
+            kind = self._precast.get(f.name.lower())
             if (
-                f.name.lower() not in self._precast
+                kind is None
                 or len(by_name[f.name.lower()]) != 1
                 or not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))
             ):
                 continue
             column = table.column(f.name)
-            if not _all_digits(column) and not _all_digits(
-                pc.utf8_ltrim(column, characters="+-")  # signed values
-            ):
-                continue
-            try:
-                casts[f.name] = pc.cast(column, pa.int64())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                continue  # a '+' sign or an overflow: DuckDB decides
+            cast = (
+                _utc_timestamps(column) if kind == "timestamptz" else _integers(column)
+            )
+            if cast is not None:
+                casts[f.name] = cast
         chosen = self._precast_variant(table.schema, tuple(casts))
         return {name: casts[name] for name in chosen}
 
@@ -899,6 +900,44 @@ def _static_rows_schema(steps: Sequence[Step]) -> pa.Schema | None:
                 index = names.index(f.name.lower())
                 schema = schema.set(index, pa.field(schema.names[index], pa.string()))
     return schema
+
+
+def _integers(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """The strings as int64 when every non-null value is ``[+-]?[0-9]+`` and
+    Arrow's cast takes them all; else None (DuckDB's strict cast decides)."""
+    if not _all_digits(column) and not _all_digits(
+        pc.utf8_ltrim(column, characters="+-")  # signed values
+    ):
+        return None
+    try:
+        return pc.cast(column, pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None  # a '+' sign or an overflow: DuckDB decides
+
+
+def _utc_timestamps(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """The strings as UTC timestamps when every non-null value is the
+    canonical ``YYYY-MM-DDThh:mm:ssZ`` (or a space for the ``T``); else None.
+
+    Twenty bytes that Arrow's ISO 8601 cast to a zoned timestamp takes can only
+    be that form (it refuses a value without an offset, a missing or
+    single-digit field, hour 24, second 60 and dates that do not exist), and
+    the strict cast's pattern takes every such value and gives the same
+    instant, with the session's time zone playing no part (``Z``). Anything
+    else (padding, fractions, offsets, an empty string) leaves the column to
+    DuckDB. It saves the strict cast's pattern match, trim and parse per row.
+    """
+    lengths = pc.binary_length(column)
+    if not pc.all(pc.equal(lengths, _CANONICAL_UTC_BYTES), min_count=0).as_py():
+        return None
+    try:
+        return pc.cast(column, PRECAST_TYPES["timestamptz"])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+
+
+#: Bytes of ``YYYY-MM-DDThh:mm:ssZ``.
+_CANONICAL_UTC_BYTES = 20
 
 
 def _all_digits(column: pa.ChunkedArray) -> bool:

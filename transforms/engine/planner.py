@@ -83,9 +83,14 @@ REF_VALUE = f"{INTERNAL_PREFIX}_ref_value"
 # stood for (its dropped duplicates).
 DEDUPE_KEY = f"{INTERNAL_PREFIX}_dedupe_key"
 DUPES = f"{INTERNAL_PREFIX}_dupes"
-# Hidden companion of an input string column the compiler pre-cast to int64
-# with Arrow (see precast_candidates), suffixed by the column's position.
+# Hidden companion of an input string column the compiler pre-cast with Arrow
+# (see precast_candidates), suffixed by the column's position.
 PRECAST_PREFIX = f"{INTERNAL_PREFIX}_int_"
+#: The field types a pre-cast serves, and the Arrow type of its companion.
+PRECAST_TYPES: dict[str, pa.DataType] = {
+    "integer": pa.int64(),
+    "timestamptz": pa.timestamp("us", tz="UTC"),
+}
 # Stands for a DuckDB error message until the row is diagnosed.
 RAISED_MARK = "the expression raised an error"
 
@@ -417,31 +422,34 @@ class Constants:
         return self._rule(rule, known)
 
 
-def precast_candidates(steps: Sequence[Step]) -> frozenset[str]:
-    """Input columns whose integer fields may read an Arrow pre-cast.
+def precast_candidates(steps: Sequence[Step]) -> dict[str, str]:
+    """Input columns whose fields may read an Arrow pre-cast, with the field type.
 
     These are the columns (lower case) the first map step reads as a bare
-    column reference into an ``integer`` field, except those a mask step
-    before it replaces: the only places a raw input value reaches a strict
-    integer cast unchanged. Every other use of the column (other fields,
-    rules, rejected rows) keeps reading the original strings.
+    column reference into an ``integer`` or ``timestamptz`` field (the types
+    of PRECAST_TYPES), except those a mask step before it replaces: the only
+    places a raw input value reaches a strict cast unchanged. A column read
+    into fields of both types is left out. Every other use of the column
+    (other fields, rules, rejected rows) keeps reading the original strings.
     """
     masked: set[str] = set()
     for step in steps:
         if isinstance(step, MaskStep):
             masked |= {f.name.lower() for f in step.fields}
         elif isinstance(step, MapStep):
-            names = (
-                bare_column(f.sql) for f in step.fields if f.type.name == "integer"
-            )
-            return frozenset(
-                n.lower() for n in names if n is not None and n.lower() not in masked
-            )
-    return frozenset()
+            kinds: dict[str, set[str]] = {}
+            for f in step.fields:
+                if f.type.name not in PRECAST_TYPES:
+                    continue
+                name = bare_column(f.sql)
+                if name is not None and name.lower() not in masked:
+                    kinds.setdefault(name.lower(), set()).add(f.type.name)
+            return {name: kind.pop() for name, kind in kinds.items() if len(kind) == 1}
+    return {}
 
 
 def precast_columns(schema: pa.Schema, names: Sequence[str]) -> dict[str, str]:
-    """Each pre-cast input column (by name) -> its hidden int64 companion."""
+    """Each pre-cast input column (by name) -> its hidden companion column."""
     return {name: f"{PRECAST_PREFIX}{schema.get_field_index(name)}" for name in names}
 
 
@@ -483,9 +491,11 @@ class PlanBuilder:
         self.static_schema = static_schema
         self.safe = safe
         self.hidden: list[str] = []
-        # Input column (lower case) -> its int64 companion in the batch; read
-        # by the first map's integer fields that are that bare column.
+        # Input column (lower case) -> its companion in the batch; read by the
+        # first map's fields of the column's pre-cast type that are that bare
+        # column.
         self.precast = {k.lower(): v for k, v in (precast or {}).items()}
+        self.precast_kinds = precast_candidates(steps) if self.precast else {}
         self.first_map = next((s.index for s in steps if isinstance(s, MapStep)), None)
         # CTE name -> its bound column types, and the empty table standing in
         # for it when a later CTE is bound (see `column_types`).
@@ -722,15 +732,15 @@ class PlanBuilder:
         self.column_types(plan, cte)
 
     def _precast_companion(self, step: MapStep, f: MapField) -> str | None:
-        """The int64 companion an integer field of the first map reads instead
-        of its bare input column, when the batch has one: the same values
-        the strict cast would give (every value was ``[+-]?[0-9]+`` in range)."""
+        """The companion an integer or timestamptz field of the first map reads
+        instead of its bare input column, when the batch has one: the same
+        values the strict cast would give (see the compiler's pre-cast)."""
         if not self.precast or step.index != self.first_map:
             return None
-        if f.type.name != "integer":
+        if f.type.name not in PRECAST_TYPES:
             return None
         column = bare_column(f.sql)
-        if column is None:
+        if column is None or self.precast_kinds.get(column.lower()) != f.type.name:
             return None
         return self.precast.get(column.lower())
 

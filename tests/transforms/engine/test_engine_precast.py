@@ -1,15 +1,18 @@
-"""The Arrow pre-cast of integer columns changes nothing but speed.
+"""The Arrow pre-cast of integer and timestamp columns changes nothing but speed.
 
 A map field that is a bare input column of type ``integer`` reads an int64
 companion that Arrow cast, when every value of the batch's column is plain
-digits (see ``CompiledPipeline._precast_batch``). Every result must equal the
-one of the same pipeline compiled with ``precast=False``: outputs, rejected
-rows with their original strings, messages, ``_step``, violations, keys.
+digits; one of type ``timestamptz`` reads a UTC timestamp companion when every
+value is ``YYYY-MM-DDThh:mm:ssZ`` (see ``CompiledPipeline._precast_batch``).
+Every result must equal the one of the same pipeline compiled with
+``precast=False``: outputs, rejected rows with their original strings,
+messages, ``_step``, violations, keys.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -406,3 +409,178 @@ def test_an_empty_batch_takes_no_precast_set(compile_pipeline: Compile) -> None:
 
     assert (result.output.num_rows, result.rejected.num_rows) == (0, 0)
     assert precast_sets(compiled) == {()}
+
+
+# --- timestamps --------------------------------------------------------------------
+
+TS_STEPS: list[dict[str, Any]] = [
+    {
+        "type": "map",
+        "fields": [
+            {"name": "at", "expr": "at", "type": "timestamptz", "required": True},
+            {"name": "until", "expr": "until", "type": "timestamptz"},
+            {"name": "at_text", "expr": "at", "type": "string"},
+            {"name": "at_day", "expr": "TRY_CAST(at AS DATE)", "type": "date"},
+        ],
+    },
+    {
+        "type": "validate",
+        "rules": [{"field": "until", "rule": "not_null"}],
+    },
+]
+
+# Naive datetimes (hypothesis's bounds must be naive like its values) written
+# as UTC text.
+canonical = st.datetimes(
+    min_value=datetime(1, 1, 1),  # noqa: DTZ001
+    max_value=datetime(9999, 12, 31, 23, 59, 59),  # noqa: DTZ001
+).map(lambda d: f"{d.year:04d}-{d:%m-%dT%H:%M:%S}Z")
+ts_edge = st.sampled_from(
+    [
+        "",
+        " ",
+        "2013-01-01T10:00:00Z ",
+        " 2013-01-01T10:00:00Z",
+        "2013-01-01 10:00:00Z",
+        "2013-01-01t10:00:00Z",
+        "2013-01-01T10:00:00z",
+        "2013-01-01T10:00:00",
+        "2013-01-01 10:00:00",
+        "2013-01-01T10:00:00+00:00",
+        "2013-01-01T10:00:00-05:00",
+        "2013-01-01T10:00:00.5Z",
+        "2013-01-01T10:00Z",
+        "2013-01-01T10Z",
+        "2013-01-01",
+        "2013-02-29T00:00:00Z",
+        "2012-02-29T00:00:00Z",
+        "2013-01-01T23:59:60Z",
+        "2013-01-01T24:00:00Z",
+        "2013-13-01T00:00:00Z",
+        "0000-01-01T00:00:00Z",
+        "+013-01-01T00:00:00Z",
+        "2013-01-01T10:00:00\u00a0",
+        "x" * 20,
+    ]
+)
+ts_anything = ts_edge | canonical | st.text(alphabet="0123456789-:TZ ", max_size=22)
+
+
+@st.composite
+def ts_batches(draw: st.DrawFn) -> pa.Table:
+    """Columns of canonical UTC timestamps (pre-cast) or of anything."""
+    rows = draw(st.integers(1, 10))
+    columns: dict[str, list[str | None]] = {}
+    for name in ("at", "until"):
+        values = draw(st.sampled_from([canonical, canonical | ts_edge, ts_anything]))
+        columns[name] = draw(st.lists(st.none() | values, min_size=rows, max_size=rows))
+    return batch_of(columns)
+
+
+@pytest.fixture(scope="module", params=["UTC", "America/New_York"])
+def ts_pipelines(request) -> Iterator[tuple[CompiledPipeline, CompiledPipeline]]:
+    with (
+        compile_steps(TS_STEPS, timezone=request.param) as fast,
+        compile_steps(TS_STEPS, timezone=request.param, precast=False) as slow,
+    ):
+        yield fast, slow
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(batch=ts_batches())
+def test_timestamp_precast_gives_the_same_result_as_the_strict_cast(
+    ts_pipelines: tuple[CompiledPipeline, CompiledPipeline], batch: pa.Table
+) -> None:
+    fast, slow = ts_pipelines
+    assert_same(fast.run(batch), slow.run(batch))
+
+
+def test_a_canonical_utc_column_is_precast_and_keeps_its_strings(
+    compile_pipeline: Compile,
+) -> None:
+    batch = batch_of(
+        {
+            "at": ["2013-01-01T10:00:00Z", "2024-02-29T23:59:59Z", None],
+            "until": ["2013-01-02T00:00:00Z", None, "1999-12-31T00:00:00Z"],
+        }
+    )
+    fast = compile_pipeline(TS_STEPS, timezone="America/New_York")
+
+    result = fast.run(batch)
+
+    assert precast_sets(fast) == {("at", "until")}
+    assert_same(
+        result,
+        compile_pipeline(TS_STEPS, timezone="America/New_York", precast=False).run(
+            batch
+        ),
+    )
+    assert result.output.select(["at", "until", "at_text"]).to_pylist() == [
+        {
+            "at": datetime(2013, 1, 1, 10, tzinfo=UTC),
+            "until": datetime(2013, 1, 2, tzinfo=UTC),
+            "at_text": "2013-01-01T10:00:00Z",
+        }
+    ]
+    assert [
+        (r["at"], r["until"], r["_error"]) for r in result.rejected.to_pylist()
+    ] == [
+        ("2024-02-29T23:59:59Z", None, "until: is null"),
+        (None, "1999-12-31T00:00:00Z", "at: required value is missing"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("2013-01-01T10:00:00+00:00", id="offset"),
+        pytest.param("2013-01-01 10:00:00", id="no-zone"),
+        pytest.param("2013-01-01T10:00:00.5Z", id="fraction"),
+        pytest.param(" 2013-01-01T10:00:00Z", id="padded"),
+        pytest.param("", id="empty-string"),
+        pytest.param("2013-02-29T00:00:00Z", id="no-such-day"),
+        pytest.param("2013-01-01T23:59:60Z", id="leap-second"),
+        pytest.param("2013-01-01t10:00:00Z", id="lower-case-t"),
+    ],
+)
+def test_a_timestamp_column_not_all_canonical_is_not_precast(
+    compile_pipeline: Compile, make_batch: BatchFactory, value: str
+) -> None:
+    steps = [
+        {"type": "map", "fields": [{"name": "v", "expr": "v", "type": "timestamptz"}]}
+    ]
+    batch = make_batch(v=["2013-01-01T10:00:00Z", value])
+    compiled = compile_pipeline(steps, timezone="Europe/Berlin")
+
+    result = compiled.run(batch)
+
+    assert precast_sets(compiled) == {()}
+    assert_same(
+        result,
+        compile_pipeline(steps, timezone="Europe/Berlin", precast=False).run(batch),
+    )
+
+
+def test_a_column_read_as_integer_and_as_timestamp_is_not_precast(
+    compile_pipeline: Compile, make_batch: BatchFactory
+) -> None:
+    steps = [
+        {
+            "type": "map",
+            "fields": [
+                {"name": "n", "expr": "v", "type": "integer"},
+                {"name": "t", "expr": "v", "type": "timestamptz"},
+            ],
+        }
+    ]
+    batch = make_batch(v=["2013-01-01T10:00:00Z", "12"])
+    compiled = compile_pipeline(steps)
+
+    result = compiled.run(batch)
+
+    assert precast_sets(compiled) == {()}
+    assert_same(result, compile_pipeline(steps, precast=False).run(batch))
