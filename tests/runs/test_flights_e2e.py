@@ -195,12 +195,25 @@ def test_correlation_id_reaches_worker_logs(worker_factory, flights_dir, pg_sink
     assert run.correlation_id == "abc"
     import orjson
 
-    lines = []
-    for raw in worker.log().splitlines():
-        try:
-            lines.append(orjson.loads(raw))
-        except orjson.JSONDecodeError:
-            continue
+    def json_lines() -> list[dict]:
+        lines = []
+        for raw in worker.log().splitlines():
+            try:
+                lines.append(orjson.loads(raw))
+            except orjson.JSONDecodeError:
+                continue
+        return lines
+
+    # The worker logs `run_finished` just after it commits the terminal state
+    # (which is what wait_for_run sees): give the line a moment to be written.
+    deadline = time.monotonic() + 30
+    lines = json_lines()
+    while time.monotonic() < deadline and not any(
+        line.get("event") == "run_finished" and line.get("run_id") == run.pk
+        for line in lines
+    ):
+        time.sleep(0.1)
+        lines = json_lines()
     task_lines = [line for line in lines if line.get("run_id") == run.pk]
     # Without run-wide keys a chunk is one task: extract, transform and load.
     assert {line.get("task") for line in task_lines} >= {"integration.process_chunk"}
