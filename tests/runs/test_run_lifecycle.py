@@ -383,3 +383,52 @@ def test_api_start_run_checks_object_permissions_when_there_are_some(
     assert response.status_code == 403
     assert sent == []
     assert not Run.objects.filter(pipeline=pipeline).exists()
+
+
+def test_the_run_start_reads_the_pipeline_and_its_version_in_one_locked_query(
+    pipeline, django_assert_num_queries
+):
+    version = pipeline.current_version
+    with transaction.atomic():
+        sql, _, _ = services._locked_pipeline_sql()
+        assert sql.endswith("FOR UPDATE OF p")  # PostgreSQL: the pipeline row only
+        with django_assert_num_queries(1):
+            locked = services._locked_pipeline(pipeline.pk)
+            assert (locked.pk, locked.name, locked.is_paused) == (
+                pipeline.pk,
+                pipeline.name,
+                False,
+            )
+            assert locked.overlap_policy == pipeline.overlap_policy
+            assert (
+                locked.current_version.pk,
+                locked.current_version.number,
+                locked.current_version.content_hash,
+            ) == (version.pk, version.number, version.content_hash)
+        # Everything else is deferred, as `.only()` leaves it.
+        assert "steps" in locked.get_deferred_fields()
+        assert "spec" in locked.current_version.get_deferred_fields()
+        with django_assert_num_queries(1):
+            assert locked.steps == STEPS
+
+
+def test_the_run_start_of_a_pipeline_without_a_version_freezes_one(
+    generator_connector, sqlite_sink
+):
+    pipeline = Pipeline.objects.create(
+        name=unique("p"),
+        source=generator_connector,
+        sink=sqlite_sink,
+        steps=STEPS,
+        sink_options={"table": "t"},
+    )
+    with transaction.atomic():
+        assert services._locked_pipeline(pipeline.pk).current_version is None
+    run = services.start_run(pipeline.pk)
+    assert run.version.number == 1
+    assert Pipeline.objects.get(pk=pipeline.pk).current_version_id == run.version_id
+
+
+def test_the_run_start_of_no_pipeline_is_does_not_exist():
+    with transaction.atomic(), pytest.raises(Pipeline.DoesNotExist):
+        services._locked_pipeline(987654)
