@@ -17,15 +17,19 @@ pytestmark = pytest.mark.django_db
 STEPS = [{"type": "map", "fields": [{"name": "id", "expr": "id", "type": "integer"}]}]
 
 
-@pytest.fixture
-def pipeline(generator_connector, sqlite_sink):
-    p = Pipeline.objects.create(
+def _unversioned_pipeline(source, sink) -> Pipeline:
+    return Pipeline.objects.create(
         name=unique("p"),
-        source=generator_connector,
-        sink=sqlite_sink,
+        source=source,
+        sink=sink,
         steps=STEPS,
         sink_options={"table": "t"},
     )
+
+
+@pytest.fixture
+def pipeline(generator_connector, sqlite_sink):
+    p = _unversioned_pipeline(generator_connector, sqlite_sink)
     services.freeze_version(p)
     return p
 
@@ -415,13 +419,7 @@ def test_the_run_start_reads_the_pipeline_and_its_version_in_one_locked_query(
 def test_the_run_start_of_a_pipeline_without_a_version_freezes_one(
     generator_connector, sqlite_sink
 ):
-    pipeline = Pipeline.objects.create(
-        name=unique("p"),
-        source=generator_connector,
-        sink=sqlite_sink,
-        steps=STEPS,
-        sink_options={"table": "t"},
-    )
+    pipeline = _unversioned_pipeline(generator_connector, sqlite_sink)
     with transaction.atomic():
         assert services._locked_pipeline(pipeline.pk).current_version is None
     run = services.start_run(pipeline.pk)
