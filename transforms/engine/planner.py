@@ -492,10 +492,9 @@ class PlanBuilder:
         self.safe = safe
         self.hidden: list[str] = []
         # Input column (lower case) -> its companion in the batch; read by the
-        # first map's fields of the column's pre-cast type that are that bare
-        # column.
+        # first map's integer or timestamptz fields that are that bare column
+        # (a candidate's such fields all have one type: see precast_candidates).
         self.precast = {k.lower(): v for k, v in (precast or {}).items()}
-        self.precast_kinds = precast_candidates(steps) if self.precast else {}
         self.first_map = next((s.index for s in steps if isinstance(s, MapStep)), None)
         # CTE name -> its bound column types, and the empty table standing in
         # for it when a later CTE is bound (see `column_types`).
@@ -740,7 +739,7 @@ class PlanBuilder:
         if f.type.name not in PRECAST_TYPES:
             return None
         column = bare_column(f.sql)
-        if column is None or self.precast_kinds.get(column.lower()) != f.type.name:
+        if column is None:
             return None
         return self.precast.get(column.lower())
 
