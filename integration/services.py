@@ -222,10 +222,10 @@ def _locked_pipeline_sql() -> tuple[str, list[str], list[str]]:
     pipelines = quote(Pipeline._meta.db_table)
     versions = quote(PipelineVersion._meta.db_table)
     current = quote(Pipeline._meta.get_field("current_version").column)
-    pk = quote("id")
     sql = (
         f"SELECT {select} FROM {pipelines} p LEFT JOIN {versions} v "  # noqa: S608 - model names
-        f"ON v.{pk} = p.{current} WHERE p.{pk} = %s{lock}"
+        f"ON v.{quote(PipelineVersion._meta.pk.column)} = p.{current} "
+        f"WHERE p.{quote(Pipeline._meta.pk.column)} = %s{lock}"
     )
     return (
         sql,

@@ -135,6 +135,14 @@ def batches(draw: st.DrawFn) -> pa.Table:
     return batch_of(columns)
 
 
+#: The property tests' settings (module-scoped pipelines are reused across examples).
+PROPERTY = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
 @pytest.fixture(scope="module")
 def pipelines() -> Iterator[tuple[CompiledPipeline, CompiledPipeline]]:
     with (
@@ -144,11 +152,7 @@ def pipelines() -> Iterator[tuple[CompiledPipeline, CompiledPipeline]]:
         yield fast, slow
 
 
-@settings(
-    max_examples=150,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@PROPERTY
 @given(batch=batches())
 def test_precast_gives_the_same_result_as_the_strict_cast(
     pipelines: tuple[CompiledPipeline, CompiledPipeline], batch: pa.Table
@@ -486,11 +490,7 @@ def ts_pipelines(request) -> Iterator[tuple[CompiledPipeline, CompiledPipeline]]
         yield fast, slow
 
 
-@settings(
-    max_examples=150,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@PROPERTY
 @given(batch=ts_batches())
 def test_timestamp_precast_gives_the_same_result_as_the_strict_cast(
     ts_pipelines: tuple[CompiledPipeline, CompiledPipeline], batch: pa.Table
