@@ -355,6 +355,11 @@ def main() -> None:
     p.add_argument("--pipelines", type=int, default=200)
     p.add_argument("--seed-runs", type=int, default=1000)
     p.add_argument("--profile", choices=["cprofile", "pyinstrument"])
+    p.add_argument(
+        "--only",
+        metavar="TEXT",
+        help="measure only the endpoints whose name contains TEXT (e.g. POST)",
+    )
     p.add_argument("--explain", action="store_true", help="EXPLAIN ANALYZE reads")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument(
@@ -419,6 +424,8 @@ def main() -> None:
         ("POST /api/v1/pipelines/{id}/runs/", post, (202,)),
         ("GET /api/v1/runs/{id}/ (20 chunks)", detail, (200,)),
     )
+    if args.only:
+        endpoints = tuple(e for e in endpoints if args.only in e[0])
     best: dict[str, dict[str, Any]] = {}
     profiles = []
     with connection.execute_wrapper(probe):

@@ -256,6 +256,28 @@ def start_run(
         IdempotencyConflictError: the key was used with another request.
     """
     cid = correlation_id or correlation.current() or correlation.new_id()
+    if trigger != RunTrigger.SCHEDULE and connection.vendor == "postgresql":
+        run = _insert_queued_run(
+            pipeline_id,
+            kind=kind,
+            trigger=trigger,
+            correlation_id=cid,
+            requested_by_id=requested_by_id,
+            params=params or {},
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+        )
+        if run is not None:
+            orchestration.send_plan(run.pk, cid)
+            logger.info(
+                "run_queued",
+                run_id=run.pk,
+                pipeline=run.pipeline.name,
+                trigger=trigger,
+            )
+            return run
+        # Not inserted: no such pipeline, paused, no version yet, or a key seen
+        # before. The general path below tells which and answers for it.
     with transaction.atomic():
         # The row lock serialises run requests of one pipeline, so a key cannot
         # race (the unique constraint is the backstop).
@@ -305,6 +327,101 @@ def start_run(
         orchestration.send_plan(run.pk, cid)
     logger.info("run_queued", run_id=run.pk, pipeline=pipeline.name, trigger=trigger)
     return run
+
+
+def _insert_queued_run(pipeline_id: int, **values: Any) -> Run | None:
+    """Insert a queued run of the pipeline's current version in one statement, or
+    nothing: `start_run`'s usual case on PostgreSQL (a request that is not a
+    schedule's, of a pipeline that is not paused and has a version, with a new
+    Idempotency-Key or none).
+
+    The statement locks the pipeline's row as the general path does (a pause
+    waits for it, and it sees a pause committed first), and `ON CONFLICT DO
+    NOTHING` leaves a key seen before to the general path. Run on its own it is
+    its own transaction: no BEGIN, savepoint or COMMIT round trips, and no ORM
+    insert compiled per request (together two thirds of a run request's database
+    work and a fifth of its CPU).
+
+    Returns:
+        The run, its pipeline and version loaded with the fields the answer
+        needs; None when nothing was inserted.
+    """
+    sql, fields = _insert_queued_run_sql()
+    values["state"] = RunState.QUEUED
+    values["created_at"] = timezone.now()
+    params = [pipeline_id]
+    for field in fields:
+        value = (
+            values[field.attname] if field.attname in values else field.get_default()
+        )
+        values[field.attname] = value
+        params.append(field.get_db_prep_save(value, connection))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    run_id, pipeline_name, version_id, version_number, version_hash = row
+    run = _from_db(
+        Run,
+        {"id": run_id, "pipeline_id": pipeline_id, "version_id": version_id} | values,
+    )
+    run.pipeline = _from_db(
+        Pipeline,
+        {"id": pipeline_id, "name": pipeline_name, "current_version_id": version_id},
+    )
+    run.version = _from_db(
+        PipelineVersion,
+        {"id": version_id, "number": version_number, "content_hash": version_hash},
+    )
+    run.pipeline.current_version = run.version
+    return run
+
+
+def _from_db(model: type[Any], values: dict[str, Any]) -> Any:
+    """An instance as the database gave it (`Model.from_db`) from attname ->
+    value; the model's other fields deferred."""
+    fields = [f.attname for f in model._meta.concrete_fields if f.attname in values]
+    return model.from_db(connection.alias, fields, [values[n] for n in fields])
+
+
+@functools.cache
+def _insert_queued_run_sql() -> tuple[str, list[Any]]:
+    """`_insert_queued_run`'s statement (its first parameter the pipeline's id) and
+    the run's fields whose values follow, in order: every concrete field but the
+    primary key and the two foreign keys the statement reads from the pipeline."""
+    quote = connection.ops.quote_name
+    meta = Run._meta
+    taken = {meta.pk.attname, "pipeline_id", "version_id"}
+    fields = [f for f in meta.concrete_fields if f.attname not in taken]
+    pipelines = quote(Pipeline._meta.db_table)
+    versions = quote(PipelineVersion._meta.db_table)
+    pipeline_pk = quote(Pipeline._meta.pk.column)
+    version_pk = quote(PipelineVersion._meta.pk.column)
+    current = quote(Pipeline._meta.get_field("current_version").column)
+    paused = quote(Pipeline._meta.get_field("is_paused").column)
+    name = quote(Pipeline._meta.get_field("name").column)
+    number = quote(PipelineVersion._meta.get_field("number").column)
+    content_hash = quote(PipelineVersion._meta.get_field("content_hash").column)
+    columns = ", ".join(
+        [quote(meta.get_field(n).column) for n in ("pipeline", "version")]
+        + [quote(f.column) for f in fields]
+    )
+    placeholders = ", ".join(["%s"] * len(fields))
+    sql = (
+        "WITH locked AS ("  # noqa: S608 - names from the models
+        f"SELECT p.{pipeline_pk} AS pipeline_id, p.{name} AS name, "
+        f"v.{version_pk} AS version_id, v.{number} AS number, "
+        f"v.{content_hash} AS content_hash "
+        f"FROM {pipelines} p JOIN {versions} v ON v.{version_pk} = p.{current} "
+        f"WHERE p.{pipeline_pk} = %s AND NOT p.{paused} FOR UPDATE OF p"
+        f"), inserted AS (INSERT INTO {quote(meta.db_table)} ({columns}) "
+        f"SELECT locked.pipeline_id, locked.version_id, {placeholders} FROM locked "
+        f"ON CONFLICT DO NOTHING RETURNING {quote(meta.pk.column)} AS id) "
+        "SELECT inserted.id, locked.name, locked.version_id, locked.number, "
+        "locked.content_hash FROM inserted CROSS JOIN locked"
+    )
+    return sql, fields
 
 
 def _run_for_key(pipeline: Pipeline, key: str, request_hash: str) -> Run | None:

@@ -129,7 +129,7 @@ def test_api_start_run_answers_as_the_run_serializer(api, pipeline, sent):
     assert (again.status_code, again.json()) == (200, body)
 
 
-def test_api_start_run_reads_the_pipeline_once_with_its_lock(api, pipeline, sent):
+def test_api_start_run_is_one_statement_that_locks_the_pipeline(api, pipeline, sent):
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
@@ -142,19 +142,15 @@ def test_api_start_run_reads_the_pipeline_once_with_its_lock(api, pipeline, sent
             HTTP_IDEMPOTENCY_KEY="once",
         )
     assert response.status_code == 202
-    reads = [
-        q["sql"]
-        for q in queries.captured_queries
-        if q["sql"].startswith("SELECT") and 'FROM "integration_pipeline"' in q["sql"]
-    ]
-    assert len(reads) == 1
-    assert "FOR UPDATE OF" in reads[0]
-    assert '"steps"' not in reads[0]
-    assert '"spec"' not in reads[0]
-    assert not any(
-        'FROM "integration_pipelineversion"' in q["sql"]
-        for q in queries.captured_queries
-    )
+    # No BEGIN, SAVEPOINT or COMMIT: the insert is its own transaction.
+    (statement,) = [q["sql"] for q in queries.captured_queries]
+    assert 'FROM "integration_pipeline" p' in statement
+    assert "FOR UPDATE OF p" in statement
+    assert 'INSERT INTO "integration_run"' in statement
+    assert "ON CONFLICT DO NOTHING" in statement
+    assert '"steps"' not in statement
+    assert '"spec"' not in statement
+    assert sent == [("plan", response.json()["id"], response.json()["correlation_id"])]
 
 
 def test_api_start_run_freezes_a_first_version(
@@ -430,3 +426,84 @@ def test_the_run_start_of_a_pipeline_without_a_version_freezes_one(
 def test_the_run_start_of_no_pipeline_is_does_not_exist():
     with transaction.atomic(), pytest.raises(Pipeline.DoesNotExist):
         services._locked_pipeline(987654)
+
+
+def test_the_inserted_run_is_the_row_the_database_holds(pipeline, sent, admin_user):
+    run = services.start_run(
+        pipeline.pk,
+        correlation_id="corr-row",
+        requested_by_id=admin_user.pk,
+        params={"a": [1, "x"]},
+        idempotency_key="row",
+        request_hash="h" * 64,
+    )
+    stored = Run.objects.get(pk=run.pk)
+    for field in Run._meta.concrete_fields:
+        assert getattr(run, field.attname) == getattr(stored, field.attname), field
+    assert run.get_deferred_fields() == set()
+    assert (run.pipeline.name, run.version.number, run.version.content_hash) == (
+        pipeline.name,
+        pipeline.current_version.number,
+        pipeline.current_version.content_hash,
+    )
+    assert sent == [("plan", run.pk, "corr-row")]
+
+
+def test_a_schedule_start_takes_the_general_path(pipeline, sent):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as queries:
+        run = services.start_run(pipeline.pk, trigger="schedule")
+    assert run.trigger == "schedule"
+    assert not any("ON CONFLICT" in q["sql"] for q in queries.captured_queries)
+    assert any("FOR UPDATE OF p" in q["sql"] for q in queries.captured_queries)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("same_body", [True, False], ids=["same-body", "other-bodies"])
+def test_concurrent_requests_with_one_key_make_one_run(
+    generator_connector, sqlite_sink, sent, same_body
+):
+    """Eight threads, each with its own connection, start the pipeline with one
+    Idempotency-Key at once: one run; the others get it back (same body) or a
+    conflict (another body)."""
+    import threading
+
+    from django.db import connection
+
+    from integration.exceptions import IdempotencyConflictError
+
+    pipeline = _unversioned_pipeline(generator_connector, sqlite_sink)
+    services.freeze_version(pipeline)
+    barrier = threading.Barrier(8)
+    results: list[object] = []
+
+    def start(n: int) -> None:
+        try:
+            barrier.wait()
+            run = services.start_run(
+                pipeline.pk,
+                idempotency_key="shared",
+                request_hash="same" if same_body else f"body-{n}",
+            )
+            results.append((run.pk, getattr(run, "replayed", False)))
+        except IdempotencyConflictError as exc:
+            results.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (run,) = Run.objects.filter(pipeline=pipeline)
+    created = [r for r in results if r == (run.pk, False)]
+    assert len(results) == 8
+    assert len(created) == 1
+    if same_body:
+        assert sorted(results) == sorted([(run.pk, False)] + [(run.pk, True)] * 7)
+    else:
+        assert sum(isinstance(r, IdempotencyConflictError) for r in results) == 7
+    assert [s for s in sent if s[0] == "plan"] == [("plan", run.pk, run.correlation_id)]
