@@ -37,6 +37,7 @@ from bench.common import (
     RESULTS_DIR,
     BenchDatabase,
     BenchRedis,
+    CpuShares,
     RssSampler,
     django_setup,
     machine,
@@ -211,13 +212,16 @@ def main() -> None:
             if args.profile
             else None
         )
+        shares = CpuShares(api.pid).start()
         results[name] = wrk(base, token, duration=args.duration, **common)
+        results[name]["cpu_per_request"] = shares.stop(results[name]["requests"])
         if spy:
             results[name]["profile"] = stop_pyspy(*spy)
         print(
             f"{name}: {results[name]['achieved_rps']} req/s, "
             f"p50 {results[name]['p50_ms']} ms, p95 {results[name]['p95_ms']} ms, "
-            f"p99 {results[name]['p99_ms']} ms, errors {results[name]['errors']}",
+            f"p99 {results[name]['p99_ms']} ms, errors {results[name]['errors']}; "
+            f"CPU ms per request {results[name]['cpu_per_request']}",
             flush=True,
         )
     memory = sampler.stop()

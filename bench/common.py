@@ -276,8 +276,9 @@ def start_gunicorn(
             f"127.0.0.1:{port}",
             "--workers",
             str(workers),
-            "--access-logfile",
-            "-" if os.environ.get("BENCH_ACCESS_LOG") else "/dev/null",
+            # No access log, as gunicorn.conf.py has it (the service logs each
+            # request as JSON); BENCH_ACCESS_LOG=1 adds gunicorn's on stdout.
+            *(["--access-logfile", "-"] if os.environ.get("BENCH_ACCESS_LOG") else []),
         ],
         env,
         log,
@@ -415,6 +416,105 @@ def _cmdline(pid: int) -> str:
     except (FileNotFoundError, ProcessLookupError):
         return ""
     return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:160]
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and its descendants."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        todo.extend(_children(current))
+    return pids
+
+
+def _pids_named(*names: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() in names:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, all) jiffies of every CPU so far, from `/proc/stat`."""
+    with open("/proc/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values[:8]) - idle, sum(values[:8])
+
+
+class CpuShares:
+    """Where the CPU of one measured phase went: the service (a process tree),
+    PostgreSQL, Redis, this script's finished children (wrk) and the rest of the
+    machine, in CPU ms per request, plus how busy the machine's CPUs were.
+
+    A process that ends during the phase (a PostgreSQL backend whose connection
+    reached `DATABASE_CONN_MAX_AGE`) is counted through its parent's CPU time of
+    waited-for children.
+    """
+
+    def __init__(self, service_pid: int) -> None:
+        self.service_pid = service_pid
+
+    def _read(self) -> dict[str, Any]:
+        def each(pids: list[int]) -> dict[int, tuple[float, float]]:
+            times = {}
+            for pid in pids:
+                fields = _stat(pid)
+                if fields is not None:
+                    own = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+                    waited = (int(fields[13]) + int(fields[14])) / _CLOCK_TICKS
+                    times[pid] = (own, waited)
+            return times
+
+        children = os.times()
+        busy, every = _machine_jiffies()
+        return {
+            "service": each(_tree(self.service_pid)),
+            "postgres": each(_pids_named("postgres")),
+            "redis": each(_pids_named("redis-server")),
+            "wrk": children.children_user + children.children_system,
+            "busy": busy / _CLOCK_TICKS,
+            "all": every / _CLOCK_TICKS,
+        }
+
+    def start(self) -> CpuShares:
+        self.before = self._read()
+        return self
+
+    def stop(self, requests: int) -> dict[str, float]:
+        after = self._read()
+        delta = {}
+        for key, value in after.items():
+            if isinstance(value, dict):
+                # A process started since counts whole; one that ended counts
+                # through its parent's CPU of waited-for children.
+                earlier = self.before[key]
+                own = sum(
+                    t - earlier.get(pid, (0.0, 0.0))[0] for pid, (t, _) in value.items()
+                )
+                gone = sum(earlier[pid][0] for pid in earlier.keys() - value.keys())
+                waited = sum(
+                    w - earlier[pid][1]
+                    for pid, (_, w) in value.items()
+                    if pid in earlier
+                )
+                delta[key] = own - gone + waited
+            else:
+                delta[key] = value - self.before[key]
+        groups = ("service", "postgres", "redis", "wrk")
+        delta["other"] = max(0.0, delta["busy"] - sum(delta[g] for g in groups))
+        shares = {
+            f"{g}_ms": round(delta[g] * 1000 / max(requests, 1), 3)
+            for g in (*groups, "other")
+        }
+        shares["machine_busy_pct"] = round(100 * delta["busy"] / delta["all"], 1)
+        return shares
 
 
 class RssSampler:

@@ -91,6 +91,9 @@ def database_from_env(default_url: str) -> dict:
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     elif db["ENGINE"] == "django.db.backends.postgresql":
+        # Django's backend with a health check that costs no round trip while
+        # the connection is quiet (config/postgres/base.py).
+        db["ENGINE"] = "config.postgres"
         db.setdefault("OPTIONS", {})
         db["CONN_HEALTH_CHECKS"] = True
         db["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)

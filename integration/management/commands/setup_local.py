@@ -8,6 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
+from django.db import connection
 
 from connectors.models import Connector, Credential
 from integration import services
@@ -60,7 +61,7 @@ class Command(BaseCommand):
             defaults={"kind": "files", "config": {"root": str(data_dir)}},
         )
         db = settings.DATABASES["default"]
-        if db["ENGINE"] == "django.db.backends.postgresql":
+        if connection.vendor == "postgresql":
             sink_config = {
                 "host": db.get("HOST") or "127.0.0.1",
                 "port": int(db.get("PORT") or 5432),
