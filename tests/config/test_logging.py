@@ -9,6 +9,9 @@ import orjson
 import pytest
 import structlog
 from django.conf import settings
+from hypothesis import given
+from hypothesis import settings as settings_h
+from hypothesis import strategies as st
 
 from config.logging import build_logging_config, redact_secrets, redact_text
 
@@ -93,3 +96,47 @@ def test_redaction_keeps_harmless_text():
 
 def test_settings_logging_uses_the_structured_formatter():
     assert settings.LOGGING["handlers"]["stderr"]["formatter"] == "structured"
+
+
+@settings_h(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "password",
+                "Token",
+                "api_key",
+                "secret",
+                "passwd",
+                "pg",
+                "://",
+                "@",
+                "=",
+                ":",
+                " ",
+                "x",
+                "u:p",
+                ";",
+                "'",
+                "é",
+                "\n",
+            ]
+        )
+        | st.text(max_size=3),
+        max_size=12,
+    ).map("".join)
+)
+def test_redaction_skipping_a_pattern_changes_nothing(text):
+    """The prefilters only skip a pattern on text it cannot match."""
+    from config.logging import INLINE_SECRET_PATTERN, REDACTED, URL_PASSWORD_PATTERN
+
+    always = URL_PASSWORD_PATTERN.sub(r"\g<scheme>" + REDACTED + "@", text)
+    always = INLINE_SECRET_PATTERN.sub(r"\g<key>" + REDACTED, always)
+    assert redact_text(text) == always
+
+
+def test_a_value_orjson_refuses_is_still_logged(log_lines):
+    structlog.get_logger("test").info("huge", value=2**70, at={1: "int key"})
+    (line,) = [line for line in log_lines() if line["event"] == "huge"]
+    assert line["value"] == 2**70
+    assert line["at"] == {"1": "int key"}
