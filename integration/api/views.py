@@ -241,6 +241,14 @@ class _RunRows:
         return _dict_rows(page_sql, [*params, stop - start, start])
 
 
+def _raw_rows_typed() -> bool:
+    """Whether raw SQL rows come back as the querysets give them: on PostgreSQL
+    (psycopg with Django's time-zone loader) a timestamp is an aware datetime; on
+    SQLite (local mode) it is naive until Django's converters run, so the run
+    views take the querysets there."""
+    return connection.vendor == "postgresql"
+
+
 def _dict_rows(sql: str, params: list[Any]) -> list[dict[str, Any]]:
     """The rows of raw SQL as dicts by column name (as `.values()` gives them)."""
     with connection.cursor() as cursor:
@@ -285,7 +293,7 @@ class RunViewSet(viewsets.ReadOnlyModelViewSet):
         # Rendered from `.values()` (see `run_list_rows`): the page's time was
         # mostly building model instances and DRF fields (bench/api.py).
         queryset = self.filter_queryset(self.get_queryset())
-        plain = set(request.query_params) <= _PAGE_PARAMETERS
+        plain = _raw_rows_typed() and set(request.query_params) <= _PAGE_PARAMETERS
         page = self.paginate_queryset(_RunRows(queryset, plain=plain))
         return self.get_paginated_response(run_list_rows(page or []))
 
@@ -298,7 +306,7 @@ class RunViewSet(viewsets.ReadOnlyModelViewSet):
         if _has_object_permissions(self.get_permissions()):
             return super().retrieve(request, *args, **kwargs)
         pk = _pk_or_404(kwargs.get("pk"))
-        if request.query_params:
+        if request.query_params or not _raw_rows_typed():
             rows = self.filter_queryset(self.get_queryset()).filter(pk=pk).list_rows()
             found = next(iter(rows), None)
         else:
