@@ -36,7 +36,9 @@ source = Connector.objects.create(name="gen", kind="generator", config={"rows": 
 sink = Connector.objects.create(name="out", kind="sqlite", config={"path": "OUT"})
 pipeline = Pipeline.objects.create(
     name="p", source=source, sink=sink, sink_options={"table": "t"},
-    steps=[{"type": "map", "fields": [{"name": "id", "expr": "id", "type": "integer"}]}],  # noqa: E501
+    steps=[
+        {"type": "map", "fields": [{"name": "id", "expr": "id", "type": "integer"}]}
+    ],
 )
 services.freeze_version(pipeline)
 client = APIClient(SERVER_NAME="localhost")
