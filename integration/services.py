@@ -339,8 +339,8 @@ def _insert_queued_run(pipeline_id: int, **values: Any) -> Run | None:
     waits for it, and it sees a pause committed first), and `ON CONFLICT DO
     NOTHING` leaves a key seen before to the general path. Run on its own it is
     its own transaction: no BEGIN, savepoint or COMMIT round trips, and no ORM
-    insert compiled per request (together two thirds of a run request's database
-    work and a fifth of its CPU).
+    insert compiled per request (a `POST .../runs/` went from 4 statements to 1,
+    and from 7.0 to 4.9 ms of CPU: bench/api_profile.py).
 
     Returns:
         The run, its pipeline and version loaded with the fields the answer
