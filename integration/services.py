@@ -256,36 +256,49 @@ def start_run(
         IdempotencyConflictError: the key was used with another request.
     """
     cid = correlation_id or correlation.current() or correlation.new_id()
+    values = {
+        "kind": kind,
+        "trigger": trigger,
+        "correlation_id": cid,
+        "requested_by_id": requested_by_id,
+        "params": params or {},
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
+    }
+    run = None
     if trigger != RunTrigger.SCHEDULE and connection.vendor == "postgresql":
-        run = _insert_queued_run(
-            pipeline_id,
-            kind=kind,
-            trigger=trigger,
-            correlation_id=cid,
-            requested_by_id=requested_by_id,
-            params=params or {},
-            idempotency_key=idempotency_key,
-            request_hash=request_hash,
-        )
-        if run is not None:
-            orchestration.send_plan(run.pk, cid)
-            logger.info(
-                "run_queued",
-                run_id=run.pk,
-                pipeline=run.pipeline.name,
-                trigger=trigger,
-            )
+        run = _insert_queued_run(pipeline_id, values)
+    if run is None:
+        # Not inserted (no such pipeline, paused, no version yet, a key seen
+        # before), a schedule's start (overlap policy) or SQLite: the general
+        # path tells which and answers for it.
+        run = _start_run_locked(pipeline_id, values)
+        if run is None or getattr(run, "replayed", False):
             return run
-        # Not inserted: no such pipeline, paused, no version yet, or a key seen
-        # before. The general path below tells which and answers for it.
+    orchestration.send_plan(run.pk, cid)
+    logger.info(
+        "run_queued", run_id=run.pk, pipeline=run.pipeline.name, trigger=trigger
+    )
+    return run
+
+
+def _start_run_locked(pipeline_id: int, values: dict[str, Any]) -> Run | None:
+    """`start_run`'s general path: lock the pipeline, check it, create the run.
+
+    Returns:
+        The new run; a run seen before with the same key (`replayed` set); None
+        when the overlap policy skips a scheduled run.
+    """
+    key, request_hash = values["idempotency_key"], values["request_hash"]
+    trigger = values["trigger"]
     with transaction.atomic():
         # The row lock serialises run requests of one pipeline, so a key cannot
         # race (the unique constraint is the backstop).
         pipeline = _locked_pipeline(pipeline_id)
-        if idempotency_key and (
+        if key and (
             pipeline.is_paused or trigger == RunTrigger.SCHEDULE
         ):  # a key seen before answers even where a new run would be refused
-            existing = _run_for_key(pipeline, idempotency_key, request_hash)
+            existing = _run_for_key(pipeline, key, request_hash)
             if existing is not None:
                 return existing
         if pipeline.is_paused:
@@ -300,36 +313,21 @@ def start_run(
         ):
             logger.info("run_skipped_overlap", pipeline=pipeline.name)
             return None
-        fields = {
-            "pipeline": pipeline,
-            "version": version,
-            "kind": kind,
-            "trigger": trigger,
-            "correlation_id": cid,
-            "requested_by_id": requested_by_id,
-            "params": params or {},
-            "idempotency_key": idempotency_key,
-            "request_hash": request_hash,
-        }
-        if not idempotency_key:
-            run = Run.objects.create(**fields)
-        else:
-            # Insert first, in a savepoint: a new key (the usual case) costs no
-            # lookup; a key seen before fails the unique index, then is looked up.
-            try:
-                with transaction.atomic():
-                    run = Run.objects.create(**fields)
-            except IntegrityError:
-                existing = _run_for_key(pipeline, idempotency_key, request_hash)
-                if existing is None:
-                    raise
-                return existing
-        orchestration.send_plan(run.pk, cid)
-    logger.info("run_queued", run_id=run.pk, pipeline=pipeline.name, trigger=trigger)
-    return run
+        if not key:
+            return Run.objects.create(pipeline=pipeline, version=version, **values)
+        # Insert first, in a savepoint: a new key (the usual case) costs no
+        # lookup; a key seen before fails the unique index, then is looked up.
+        try:
+            with transaction.atomic():
+                return Run.objects.create(pipeline=pipeline, version=version, **values)
+        except IntegrityError:
+            existing = _run_for_key(pipeline, key, request_hash)
+            if existing is None:
+                raise
+            return existing
 
 
-def _insert_queued_run(pipeline_id: int, **values: Any) -> Run | None:
+def _insert_queued_run(pipeline_id: int, values: dict[str, Any]) -> Run | None:
     """Insert a queued run of the pipeline's current version in one statement, or
     nothing: `start_run`'s usual case on PostgreSQL (a request that is not a
     schedule's, of a pipeline that is not paused and has a version, with a new
@@ -347,8 +345,7 @@ def _insert_queued_run(pipeline_id: int, **values: Any) -> Run | None:
         needs; None when nothing was inserted.
     """
     sql, fields = _insert_queued_run_sql()
-    values["state"] = RunState.QUEUED
-    values["created_at"] = timezone.now()
+    values = {**values, "state": RunState.QUEUED, "created_at": timezone.now()}
     params = [pipeline_id]
     for field in fields:
         value = (
