@@ -58,6 +58,7 @@ from bench.common import (
     cpu_seconds,
     django_setup,
     manage,
+    pids_named,
     service_env,
 )
 
@@ -65,17 +66,6 @@ from bench.common import (
 def _proc_cpu_ms(pid: int) -> float:
     """utime + stime of a process in ms (0 when it is gone or not readable)."""
     return (cpu_seconds(pid) or 0.0) * 1000
-
-
-def _redis_pid() -> int | None:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == "redis-server":
-                    return int(entry.name)
-            except OSError:
-                continue
-    return None
 
 
 class Probe:
@@ -418,7 +408,7 @@ def main() -> None:
     def detail(i: int) -> dict[str, Any]:
         return environ("GET", f"/api/v1/runs/{polled}/", token)
 
-    redis_pid = _redis_pid()
+    redis_pid = next(iter(pids_named("redis-server")), None)
     endpoints = (
         ("GET /api/v1/runs/", get, (200,)),
         ("POST /api/v1/pipelines/{id}/runs/", post, (202,)),

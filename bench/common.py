@@ -418,17 +418,17 @@ def _cmdline(pid: int) -> str:
     return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:160]
 
 
-def _tree(pid: int) -> list[int]:
-    """A process and its descendants."""
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        todo.extend(_children(current))
-    return pids
+def _walk(pid: int) -> Iterator[tuple[int, int]]:
+    """A process and its descendants, each with its depth below `pid`."""
+    stack = [(pid, 0)]
+    while stack:
+        current, depth = stack.pop()
+        yield current, depth
+        stack.extend((child, depth + 1) for child in _children(current))
 
 
-def _pids_named(*names: str) -> list[int]:
+def pids_named(*names: str) -> list[int]:
+    """The processes whose command name (`/proc/<pid>/comm`) is one of `names`."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -475,9 +475,9 @@ class CpuShares:
         children = os.times()
         busy, every = _machine_jiffies()
         return {
-            "service": each(_tree(self.service_pid)),
-            "postgres": each(_pids_named("postgres")),
-            "redis": each(_pids_named("redis-server")),
+            "service": each([pid for pid, _ in _walk(self.service_pid)]),
+            "postgres": each(pids_named("postgres")),
+            "redis": each(pids_named("redis-server")),
             "wrk": children.children_user + children.children_system,
             "busy": busy / _CLOCK_TICKS,
             "all": every / _CLOCK_TICKS,
@@ -544,19 +544,12 @@ class RssSampler:
         self._thread.start()
         return self
 
-    def _walk(self, pid: int) -> Iterator[tuple[int, int]]:
-        stack = [(pid, 0)]
-        while stack:
-            current, depth = stack.pop()
-            yield current, depth
-            stack.extend((child, depth + 1) for child in _children(current))
-
     def sample(self) -> None:
         with self._lock:
             roots = dict(self.roots)
         for label, (root, descendants) in roots.items():
             total = 0
-            tree = self._walk(root) if descendants else iter([(root, 0)])
+            tree = _walk(root) if descendants else iter([(root, 0)])
             for pid, depth in tree:
                 kb = _status_kb(pid)
                 if not kb:
