@@ -1,0 +1,138 @@
+"""docker/Dockerfile, .dockerignore and docker/compose.yaml, read as files.
+
+This machine has no container runtime, so the image is not built here; the
+entrypoint it runs and its collectstatic step run for real in
+test_entrypoint.py. These tests hold the files to what the service needs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+import yaml
+
+from tests.deploy.common import (
+    ROOT,
+    dockerfile_collectstatic_env,
+    entrypoint_roles,
+    reads_env,
+)
+
+DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
+COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+COMPOSE_TEXT = (ROOT / "docker" / "compose.yaml").read_text()
+
+#: What the running image needs from the build context.
+NEEDED = [
+    "manage.py",
+    "gunicorn.conf.py",
+    "config",
+    "connectors",
+    "integration",
+    "lineage",
+    "transforms",
+    "requirements/base.txt",
+    "docker/entrypoint.sh",
+]
+
+
+def _instructions() -> list[tuple[str, str]]:
+    text = DOCKERFILE.replace("\\\n", " ")
+    lines = [x.strip() for x in text.splitlines()]
+    return [
+        tuple(x.split(None, 1))
+        for x in lines
+        if x and not x.startswith("#") and " " in x
+    ]
+
+
+def test_image_runs_the_entrypoint_as_an_unprivileged_user():
+    instructions = _instructions()
+    assert ("ENTRYPOINT", '["/app/docker/entrypoint.sh"]') in instructions
+    assert ("CMD", '["api"]') in instructions
+    [user] = [arg for op, arg in instructions if op == "USER"]
+    assert int(user) >= 1000
+    # The last stage's final USER comes after every RUN that needs root.
+    ops = [op for op, _ in instructions]
+    assert ops.index("USER") > max(i for i, op in enumerate(ops) if op == "RUN")
+
+
+def test_image_is_the_projects_python_and_installs_the_pinned_requirements():
+    assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm" in DOCKERFILE
+    assert "-r /tmp/requirements.txt" in DOCKERFILE
+    assert "COPY requirements/base.txt /tmp/requirements.txt" in DOCKERFILE
+    assert "DJANGO_SETTINGS_MODULE=config.settings.production" in DOCKERFILE
+
+
+def test_collectstatic_placeholders_are_not_left_in_the_image():
+    placeholders = dockerfile_collectstatic_env()
+    assert set(placeholders) >= {"DJANGO_SECRET_KEY", "DIS_ENCRYPTION_KEYS"}
+    env_lines = [arg for op, arg in _instructions() if op == "ENV"]
+    for name in placeholders:
+        assert not any(name in line for line in env_lines)
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(
+        fnmatch.fnmatch(prefix, p.removeprefix("**/")) or fnmatch.fnmatch(prefix, p)
+        for p in patterns
+        for prefix in prefixes
+    )
+
+
+def test_dockerignore_keeps_what_the_image_needs_and_drops_the_rest():
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for path in NEEDED:
+        assert (ROOT / path).exists(), path
+        assert not _ignored(path, patterns), path
+    for path in (".venv", ".git", "tests", "bench", "docker/.env", ".local"):
+        assert _ignored(path, patterns), path
+
+
+def test_compose_runs_each_role_of_the_entrypoint_from_the_one_image():
+    roles = entrypoint_roles()
+    services = COMPOSE["services"]
+    for name in ("migrate", "api", "worker", "beat"):
+        service = services[name]
+        assert service["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
+        assert service["command"][0] in roles
+        assert service["read_only"] is True
+        assert service["tmpfs"] == ["/tmp"]  # noqa: S108 - the one writable path
+    assert services["beat"]["deploy"]["replicas"] == 1
+
+
+def test_compose_starts_the_service_after_its_migrations():
+    services = COMPOSE["services"]
+    assert services["migrate"]["depends_on"] == {
+        "postgres": {"condition": "service_healthy"}
+    }
+    for name in ("api", "worker", "beat"):
+        depends = services[name]["depends_on"]
+        assert depends["migrate"] == {"condition": "service_completed_successfully"}
+    for name in ("postgres", "redis"):
+        assert "healthcheck" in services[name]
+
+
+def test_compose_requires_the_secrets_instead_of_defaulting_them():
+    env = COMPOSE["services"]["api"]["environment"]
+    for name in ("DJANGO_SECRET_KEY", "DIS_ENCRYPTION_KEYS"):
+        assert re.fullmatch(rf"\$\{{{name}:\?[^}}]+\}}", env[name]), env[name]
+        assert f"{name}=" in (ROOT / "docker" / "env.example").read_text()
+    assert env["DATABASE_URL"].endswith("@postgres:5432/dis")
+    assert env["CELERY_BROKER_URL"].startswith("redis://redis:6379/")
+
+
+def test_every_variable_compose_sets_is_one_the_service_reads():
+    names = set()
+    for name in ("migrate", "api", "worker", "beat"):
+        names |= set(COMPOSE["services"][name]["environment"])
+    unread = sorted(n for n in names if not reads_env(n))
+    assert unread == []
+    assert "docker/.env" in (ROOT / ".gitignore").read_text().split()
