@@ -23,7 +23,11 @@ role=${1:-api}
 
 case "$role" in
   api)
-    exec gunicorn config.wsgi --bind "0.0.0.0:${PORT:-8000}" "$@"
+    # gunicorn's worker heartbeat files: in memory when the container has it
+    # (a disk-backed /tmp can stall the heartbeat and get workers killed).
+    tmp=()
+    if [ -d /dev/shm ] && [ -w /dev/shm ]; then tmp=(--worker-tmp-dir /dev/shm); fi
+    exec gunicorn config.wsgi --bind "0.0.0.0:${PORT:-8000}" "${tmp[@]}" "$@"
     ;;
   worker)
     exec celery -A config worker \
