@@ -51,6 +51,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "config.middleware.CorrelationIdMiddleware",
     "config.middleware.DatabaseUnavailableMiddleware",
+    "config.middleware.MetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -314,6 +315,8 @@ DIS_ENCRYPTION_KEYS_GENERATE = False
 DIS_ENCRYPTION_KEYS_LOCAL_FILE = LOCAL_DIR / "encryption.keys"
 
 SECRET_KEY = env_secret("DJANGO_SECRET_KEY") or ""
+#: When set, `GET /metrics` requires it as a bearer token (config/middleware.py).
+DIS_METRICS_TOKEN = env_secret("DIS_METRICS_TOKEN") or ""
 
 # --- Logging --------------------------------------------------------------------
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")

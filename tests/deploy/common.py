@@ -50,8 +50,15 @@ def render_raw(
     return helm("template", release, str(CHART), "-f", str(path), "-n", namespace)
 
 
+#: The optional metrics token's value (with `metrics.token: true`).
+METRICS_TOKEN = "sentinel-metrics-token-5e0b"
+
+
 def with_secrets(**values: Any) -> dict[str, Any]:
-    return {"secrets": {"values": dict(SECRETS)}, **values}
+    secret_values = dict(SECRETS)
+    if values.get("metrics", {}).get("token"):
+        secret_values["DIS_METRICS_TOKEN"] = METRICS_TOKEN
+    return {"secrets": {"values": secret_values}, **values}
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:

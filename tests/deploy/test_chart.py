@@ -10,6 +10,7 @@ import yaml
 
 from tests.deploy.common import (
     CHART,
+    METRICS_TOKEN,
     SECRETS,
     entrypoint_roles,
     find,
@@ -38,6 +39,10 @@ EVERYTHING = {
     "tolerations": [{"key": "data", "operator": "Exists", "effect": "NoSchedule"}],
     "podAnnotations": {"team": "data"},
     "serviceAccount": {"annotations": {"iam": "role"}},
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        "token": True,
+    },
 }
 
 #: The oldest and newest Kubernetes the chart supports (Chart.yaml kubeVersion).
@@ -71,8 +76,11 @@ def test_every_manifest_passes_the_kubernetes_schema_strictly(
     expected += ["Secret", "Service", "ServiceAccount"]
     if values:
         expected += ["HorizontalPodAutoscaler", "HorizontalPodAutoscaler", "Ingress"]
+        expected += ["ServiceMonitor"]
     assert kinds == sorted(expected)
     for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # prometheus-operator's CRD: not in Kubernetes' schemas
         # strict: an unknown or misplaced field fails, not only a wrong type.
         kubernetes_validate.validate(doc, version, strict=True)
 
@@ -97,12 +105,11 @@ def test_secret_values_appear_only_in_the_secret(helm_binary, tmp_path):
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]
     for doc in docs:
         text = yaml.safe_dump(doc)
-        for value in SECRETS.values():
+        for value in [*SECRETS.values(), METRICS_TOKEN]:
             assert value not in text, f"{value} in {doc['kind']}"
     secret = find(docs, "Secret", "rel-dis-secrets")
-    assert {
-        k: base64.b64decode(v).decode() for k, v in secret["data"].items()
-    } == SECRETS
+    decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert decoded == {**SECRETS, "DIS_METRICS_TOKEN": METRICS_TOKEN}
 
 
 def test_pods_read_the_secrets_from_the_secret_as_files_and_references(
@@ -273,3 +280,32 @@ def test_every_variable_the_chart_sets_is_one_the_service_reads(helm_binary, tmp
     assert "DIS_DEFAULT_CHUNK_ROWS" in names
     unread = sorted(n for n in names if not reads_env(n))
     assert unread == []
+
+
+def test_the_service_monitor_scrapes_the_api_pods_with_the_token(helm_binary, tmp_path):
+    docs = render(tmp_path, with_secrets(**EVERYTHING))
+    monitor = find(docs, "ServiceMonitor", "rel-dis")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    service = find(docs, "Service", "rel-dis-api")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in [p["name"] for p in service["spec"]["ports"]]
+    credentials = endpoint["authorization"]["credentials"]
+    assert credentials == {"name": "rel-dis-secrets", "key": "DIS_METRICS_TOKEN"}
+    [api] = pod_spec(find(docs, "Deployment", "rel-dis-api"))["containers"]
+    env = {e["name"]: e for e in api["env"]}
+    assert env["DIS_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"] == credentials
+
+
+def test_no_token_no_monitor_by_default(helm_binary, tmp_path):
+    docs = render(tmp_path, with_secrets())
+    assert not [d for d in docs if d["kind"] == "ServiceMonitor"]
+    [api] = pod_spec(find(docs, "Deployment", "rel-dis-api"))["containers"]
+    assert "DIS_METRICS_TOKEN" not in {e["name"] for e in api["env"]}
+    values = with_secrets(metrics={"token": True})
+    del values["secrets"]["values"]["DIS_METRICS_TOKEN"]
+    result = render_raw(tmp_path, values)
+    assert result.returncode != 0
+    assert "DIS_METRICS_TOKEN is required with metrics.token" in result.stderr

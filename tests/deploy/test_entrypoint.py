@@ -155,6 +155,7 @@ def test_the_charts_pods_run_the_service_end_to_end(
         "DATABASE_URL": scratch_database,
         "CELERY_BROKER_URL": scratch_redis,
         "REDIS_URL": scratch_redis,
+        "DIS_METRICS_TOKEN": secrets.token_urlsafe(16),
     }
     local_dir = tmp_path / "local"
     local_dir.mkdir()
@@ -165,6 +166,7 @@ def test_the_charts_pods_run_the_service_end_to_end(
             "api": {"webConcurrency": 2},
             "worker": {"concurrency": 1},
             "migrations": {"timeoutSeconds": 3},
+            "metrics": {"token": True},
             "config": {"DIS_STAGING_PREFIX": f"dis:deploy:{secrets.token_hex(4)}"},
             # The example's sink is this machine's PostgreSQL, on loopback.
             "extraEnv": [
@@ -301,6 +303,24 @@ def test_the_charts_pods_run_the_service_end_to_end(
         assert runs.status_code == 200
         [listed] = runs.json()["results"]
         assert (listed["state"], listed["records_written"]) == ("succeeded", 336_776)
+
+        # Prometheus scrapes the pod by its IP, over plain HTTP, with the token.
+        metrics_url = f"http://127.0.0.1:{port}/metrics"
+        assert httpx.get(metrics_url, timeout=10).status_code == 401
+        scraped = httpx.get(
+            metrics_url,
+            headers={"Authorization": f"Bearer {secret_values['DIS_METRICS_TOKEN']}"},
+            timeout=10,
+        )
+        assert scraped.status_code == 200
+        lines = scraped.text.splitlines()
+        written = (
+            'dis_pipeline_last_run_records{outcome="written",'
+            'pipeline="flights-example"} 336776.0'
+        )
+        assert written in lines
+        assert "dis_metadata_database_up 1.0" in lines
+        assert "dis_broker_up 1.0" in lines
     finally:
         codes = {role.name: role.stop() for role in roles}
     # Each role stops cleanly on the kubelet's SIGTERM.

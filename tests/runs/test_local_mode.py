@@ -56,6 +56,13 @@ assert item["started_at"].endswith("Z") and item["duration_seconds"] >= 5, item
 detail = client.get(f"/api/v1/runs/{run_id}/")
 assert detail.status_code == 200, detail.content
 assert detail.json()["started_at"] == item["started_at"]
+scraped = client.get("/metrics").content.decode()
+for line in (
+    'dis_runs_active{pipeline="p",state="running"} 1.0',
+    "dis_metadata_database_up 1.0",
+    "dis_broker_up 1.0",
+):
+    assert line in scraped.splitlines(), scraped
 print("LOCAL-MODE-OK")
 """
 

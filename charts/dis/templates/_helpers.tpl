@@ -82,6 +82,13 @@ env:
         name: {{ include "dis.secretName" $ }}
         key: {{ . }}
   {{- end }}
+  {{- if .Values.metrics.token }}
+  - name: DIS_METRICS_TOKEN
+    valueFrom:
+      secretKeyRef:
+        name: {{ include "dis.secretName" . }}
+        key: DIS_METRICS_TOKEN
+  {{- end }}
   {{- with .Values.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
