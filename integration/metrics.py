@@ -3,8 +3,8 @@
 The metadata database holds every run, chunk and dead letter, whichever worker
 did the work, and the broker holds the queues. So one scrape of any API process
 answers for the whole service: there is nothing to aggregate across processes,
-and nothing on the request or task hot paths. Every value is a gauge of the
-state at scrape time:
+and nothing on the request or task hot paths. A scrape costs three queries
+plus one per pipeline. Every value is a gauge of the state at scrape time:
 
 - runs queued and running per pipeline, and the age of the oldest of each (a run
   stuck in `queued` means no worker takes the work);
@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 from django.db import DatabaseError
-from django.db.models import Count, Min, OuterRef, Subquery
+from django.db.models import Count, Min, Subquery
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -100,28 +100,15 @@ def _last_runs() -> Iterator[Metric]:
         "When a run of the pipeline last succeeded (with or without errors).",
         ["pipeline"],
     )
-    finished_runs = Run.objects.filter(
-        pipeline=OuterRef("pk"), state__in=TERMINAL_STATES
-    ).order_by("-id")
-    pipelines = Pipeline.objects.annotate(
-        last_run=Subquery(finished_runs.values("id")[:1]),
-        last_success=Subquery(
-            Run.objects.filter(pipeline=OuterRef("pk"), state__in=SUCCEEDED_STATES)
-            .order_by("-id")
-            .values("finished_at")[:1]
-        ),
-    ).values_list("name", "last_run", "last_success")
-    last_run_of = {}
-    for name, run_id, last_success in pipelines:
-        if last_success is not None:
-            success.add_metric([name], last_success.timestamp())
-        if run_id is not None:
-            last_run_of[run_id] = name
     fields = ["id", "state", "started_at", "finished_at"]
     fields += [f"records_{outcome}" for outcome in OUTCOMES]
-    for run in Run.objects.filter(id__in=last_run_of).values(*fields):
-        name = last_run_of[run["id"]]
+    for pipeline_id, name in Pipeline.objects.values_list("id", "name"):
+        run = _last_finished_run(pipeline_id, fields)
+        if run is None:
+            continue  # never finished a run
         state.add_metric([name, run["state"]], 1)
+        if run["last_success"] is not None:
+            success.add_metric([name], run["last_success"].timestamp())
         if run["finished_at"] is not None:
             finished.add_metric([name], run["finished_at"].timestamp())
             if run["started_at"] is not None:
@@ -130,6 +117,30 @@ def _last_runs() -> Iterator[Metric]:
         for outcome in OUTCOMES:
             records.add_metric([name, outcome], run[f"records_{outcome}"])
     yield from (finished, state, duration, records, success)
+
+
+def _last_finished_run(pipeline_id: int, fields: list[str]) -> dict[str, Any] | None:
+    """The pipeline's newest finished run, with when a run of it last succeeded.
+
+    One query per pipeline, on purpose: with the pipeline's id a constant,
+    PostgreSQL walks the `run_pipeline_newest` index back from the newest run.
+    Correlated over all pipelines at once it planned a backward scan of the whole
+    runs table for each pipeline instead. Measured on 100 pipelines and
+    1,000,000 runs: 23 s that way; this way 1-11 ms of database time for the 100
+    queries, 0.1 s for the whole scrape.
+    """
+    last_success = (
+        Run.objects.filter(pipeline_id=pipeline_id, state__in=SUCCEEDED_STATES)
+        .order_by("-id")
+        .values("finished_at")[:1]
+    )
+    return (
+        Run.objects.filter(pipeline_id=pipeline_id, state__in=TERMINAL_STATES)
+        .annotate(last_success=Subquery(last_success))
+        .order_by("-id")
+        .values(*fields, "last_success")
+        .first()
+    )
 
 
 def _dead_letters() -> Iterator[Metric]:

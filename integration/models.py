@@ -283,7 +283,12 @@ class Run(models.Model):
                 name="run_unique_idempotency_key",
             ),
         ]
-        indexes = [models.Index(fields=["pipeline", "state"])]
+        indexes = [
+            models.Index(fields=["pipeline", "state"]),
+            # A pipeline's runs newest first: its last finished run and its last
+            # success are each one short backward scan (integration/metrics.py).
+            models.Index(fields=["pipeline", "id"], name="run_pipeline_newest"),
+        ]
 
     def __str__(self) -> str:
         return f"run {self.pk} of {self.pipeline_id} ({self.state})"
