@@ -7,7 +7,8 @@ and nothing on the request or task hot paths. A scrape costs three queries
 plus one per pipeline. Every value is a gauge of the state at scrape time:
 
 - runs queued and running per pipeline, and the age of the oldest of each (a run
-  stuck in `queued` means no worker takes the work);
+  stuck in `queued` means no worker takes the work); the running runs' records
+  and chunks so far (their rate is the throughput now);
 - per pipeline, its last finished run: when it finished, its state, its duration
   and its record counts; and when a run last succeeded (freshness alerts);
 - open dead letters per pipeline;
@@ -25,7 +26,7 @@ from typing import Any
 
 import structlog
 from django.db import DatabaseError
-from django.db.models import Count, Min, Subquery
+from django.db.models import Count, Min, Subquery, Sum
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -61,17 +62,41 @@ def _active_runs(now: float) -> Iterator[Metric]:
         "Seconds since the oldest queued or running run was created.",
         ["pipeline", "state"],
     )
+    records = _gauge(
+        "dis_runs_active_records",
+        "Records the running runs have processed so far, by outcome: they grow "
+        "chunk by chunk, so their rate is the pipeline's throughput now.",
+        ["pipeline", "outcome"],
+    )
+    chunks = _gauge(
+        "dis_runs_active_chunks",
+        "Chunks of the running runs: planned so far (`total`) and finished (`done`).",
+        ["pipeline", "progress"],
+    )
+    sums = {f"records_{outcome}": Sum(f"records_{outcome}") for outcome in OUTCOMES}
     rows = (
         Run.objects.filter(state__in=ACTIVE_STATES)
-        .values_list("pipeline__name", "state")
-        .annotate(n=Count("id"), first=Min("created_at"))
+        .values("pipeline__name", "state")
+        .annotate(
+            n=Count("id"),
+            first=Min("created_at"),
+            chunks_total=Sum("chunks_total"),
+            chunks_done=Sum("chunks_done"),
+            **sums,
+        )
         .order_by()
     )
-    for pipeline, state, n, first in rows:
-        count.add_metric([pipeline, state], n)
-        oldest.add_metric([pipeline, state], max(0.0, now - first.timestamp()))
-    yield count
-    yield oldest
+    for row in rows:
+        pipeline, state = row["pipeline__name"], row["state"]
+        count.add_metric([pipeline, state], row["n"])
+        age = max(0.0, now - row["first"].timestamp())
+        oldest.add_metric([pipeline, state], age)
+        if state == RunState.RUNNING:
+            for outcome in OUTCOMES:
+                records.add_metric([pipeline, outcome], row[f"records_{outcome}"])
+            chunks.add_metric([pipeline, "total"], row["chunks_total"])
+            chunks.add_metric([pipeline, "done"], row["chunks_done"])
+    yield from (count, oldest, records, chunks)
 
 
 def _last_runs() -> Iterator[Metric]:

@@ -71,7 +71,17 @@ def test_active_runs_and_the_age_of_the_oldest(make_pipeline):
     for age in (30, 600):
         run = _run(busy, RunState.QUEUED)
         Run.objects.filter(pk=run.pk).update(created_at=now - dt.timedelta(seconds=age))
-    _run(busy, RunState.RUNNING, started_at=now)
+    _run(
+        busy,
+        RunState.RUNNING,
+        started_at=now,
+        records_read=120,
+        records_written=100,
+        records_rejected=20,
+        records_dead_lettered=20,
+        chunks_total=5,
+        chunks_done=2,
+    )
     _run(idle, RunState.SUCCEEDED, started_at=now, finished_at=now)
     samples = _scrape()
     name = busy.name
@@ -81,6 +91,26 @@ def test_active_runs_and_the_age_of_the_oldest(make_pipeline):
         samples, "dis_runs_active_oldest_age_seconds", pipeline=name, state="queued"
     )
     assert 600 <= oldest < 700
+    # The running run's progress: records so far, chunks planned and done.
+    progress = {
+        outcome: _value(
+            samples, "dis_runs_active_records", pipeline=name, outcome=outcome
+        )
+        for outcome in metrics.OUTCOMES
+    }
+    assert progress == {
+        "read": 120,
+        "written": 100,
+        "rejected": 20,
+        "filtered": 0,
+        "deduplicated": 0,
+        "dead_lettered": 20,
+    }
+    for progress_label, n in (("total", 5), ("done", 2)):
+        got = _value(
+            samples, "dis_runs_active_chunks", pipeline=name, progress=progress_label
+        )
+        assert got == n
     # A pipeline with nothing active has no active series at all.
     assert not [k for k in samples if k[0] == "dis_runs_active" and idle.name in str(k)]
 
