@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import kubernetes_validate
+import promql_parser
 import pytest
 import yaml
 
 from tests.deploy.common import (
     CHART,
     METRICS_TOKEN,
+    ROOT,
     SECRETS,
     entrypoint_roles,
     find,
@@ -41,6 +44,7 @@ EVERYTHING = {
     "serviceAccount": {"annotations": {"iam": "role"}},
     "metrics": {
         "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        "prometheusRule": {"enabled": True, "staleAfterSeconds": 3600},
         "token": True,
     },
 }
@@ -76,7 +80,7 @@ def test_every_manifest_passes_the_kubernetes_schema_strictly(
     expected += ["Secret", "Service", "ServiceAccount"]
     if values:
         expected += ["HorizontalPodAutoscaler", "HorizontalPodAutoscaler", "Ingress"]
-        expected += ["ServiceMonitor"]
+        expected += ["ServiceMonitor", "PrometheusRule"]
     assert kinds == sorted(expected)
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
@@ -309,3 +313,27 @@ def test_no_token_no_monitor_by_default(helm_binary, tmp_path):
     result = render_raw(tmp_path, values)
     assert result.returncode != 0
     assert "DIS_METRICS_TOKEN is required with metrics.token" in result.stderr
+
+
+def test_the_alerts_are_valid_promql_over_metrics_the_service_exports(
+    helm_binary, tmp_path
+):
+    docs = render(tmp_path, with_secrets(**EVERYTHING))
+    rule = find(docs, "PrometheusRule", "rel-dis")
+    [group] = rule["spec"]["groups"]
+    alerts = {r["alert"]: r for r in group["rules"]}
+    assert "DisPipelineStale" in alerts
+    assert alerts["DisPipelineStale"]["expr"].endswith("> 3600")
+    exported = set(
+        re.findall(
+            r'"(dis_[a-z_]+)"', (ROOT / "integration" / "metrics.py").read_text()
+        )
+    )
+    for name, rule in alerts.items():
+        promql_parser.parse(rule["expr"])  # raises on a syntax error
+        used = set(re.findall(r"\bdis_[a-z_]+", rule["expr"]))
+        assert used, name
+        assert used <= exported, (name, used - exported)
+        # Prometheus' own templates survive Helm's: {{ $labels.pipeline }} is kept.
+        summary = rule["annotations"]["summary"]
+        assert "{{" not in summary or "{{ $labels.pipeline }}" in summary, summary
