@@ -8,6 +8,8 @@ from typing import Any
 import structlog
 from celery import Celery, signals
 
+from config import worker_metrics
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 
 app = Celery("dis")
@@ -50,11 +52,27 @@ def _bind_correlation(
     structlog.contextvars.bind_contextvars(
         correlation_id=cid or correlation.new_id(), task=task.name, task_id=task_id
     )
+    worker_metrics.task_started(task_id)
 
 
 @signals.task_postrun.connect
-def _unbind(**kwargs: Any) -> None:
+def _unbind(
+    task: Any = None,
+    task_id: str | None = None,
+    state: str | None = None,
+    **kwargs: Any,
+) -> None:
+    if task is not None:
+        worker_metrics.task_ended(task.name, task_id, state)
     structlog.contextvars.clear_contextvars()
+
+
+@signals.worker_init.connect
+def _serve_metrics(**kwargs: Any) -> None:
+    """The worker's Prometheus metrics, when DIS_WORKER_METRICS_PORT is set."""
+    metrics_port = worker_metrics.port()
+    if metrics_port:
+        worker_metrics.start(metrics_port)
 
 
 @signals.worker_init.connect

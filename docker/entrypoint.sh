@@ -6,7 +6,8 @@
 #   api                   gunicorn config.wsgi (gunicorn.conf.py: WEB_CONCURRENCY
 #                         workers, gc.freeze) on 0.0.0.0:$PORT (default 8000)
 #   worker                celery worker on $DIS_WORKER_QUEUES (control,io,cpu) with
-#                         $DIS_WORKER_CONCURRENCY (2) pool processes
+#                         $DIS_WORKER_CONCURRENCY (2) pool processes; its own
+#                         metrics on $DIS_WORKER_METRICS_PORT when set
 #   beat                  celery beat with django-celery-beat's DatabaseScheduler
 #                         (the schedules operators edit in the admin); run ONE
 #   migrate               manage.py migrate

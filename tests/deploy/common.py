@@ -81,11 +81,12 @@ def entrypoint_roles() -> set[str]:
 
 
 def reads_env(name: str) -> bool:
-    """Whether the service reads environment variable `name`: the settings,
-    gunicorn.conf.py, the entrypoint, manage.py or the Celery app."""
-    sources = [*(ROOT / "config" / "settings").glob("*.py")]
+    """Whether the service reads environment variable `name`: config/ (the
+    settings, the Celery app, the worker's metrics), gunicorn.conf.py, the
+    entrypoint or manage.py."""
+    sources = [*(ROOT / "config").rglob("*.py")]
     sources += [ROOT / "gunicorn.conf.py", ROOT / "docker" / "entrypoint.sh"]
-    sources += [ROOT / "manage.py", ROOT / "config" / "celery_app.py"]
+    sources += [ROOT / "manage.py"]
     text = "\n".join(p.read_text() for p in sources)
     base = name.removesuffix("_FILE")
     if name.endswith("_FILE") and f'env_secret("{base}")' in text:

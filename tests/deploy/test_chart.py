@@ -80,7 +80,7 @@ def test_every_manifest_passes_the_kubernetes_schema_strictly(
     expected += ["Secret", "Service", "ServiceAccount"]
     if values:
         expected += ["HorizontalPodAutoscaler", "HorizontalPodAutoscaler", "Ingress"]
-        expected += ["ServiceMonitor", "PrometheusRule"]
+        expected += ["ServiceMonitor", "PodMonitor", "PrometheusRule"]
     assert kinds == sorted(expected)
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
@@ -337,3 +337,17 @@ def test_the_alerts_are_valid_promql_over_metrics_the_service_exports(
         # Prometheus' own templates survive Helm's: {{ $labels.pipeline }} is kept.
         summary = rule["annotations"]["summary"]
         assert "{{" not in summary or "{{ $labels.pipeline }}" in summary, summary
+
+
+def test_the_pod_monitor_scrapes_each_workers_own_metrics(helm_binary, tmp_path):
+    docs = render(tmp_path, with_secrets(**EVERYTHING))
+    monitor = find(docs, "PodMonitor", "rel-dis-worker")
+    worker = find(docs, "Deployment", "rel-dis-worker")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector == worker["spec"]["selector"]["matchLabels"]
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    [container] = pod_spec(worker)["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert endpoint["port"] == "metrics"
+    assert env["DIS_WORKER_METRICS_PORT"] == str(ports["metrics"]) == "9808"

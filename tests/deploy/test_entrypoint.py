@@ -180,7 +180,7 @@ def test_the_charts_pods_run_the_service_end_to_end(
     for name in ("DJANGO_SECRET_KEY", "DIS_ENCRYPTION_KEYS"):
         (secret_dir / name).write_text(secret_values[name])
     static_root = tmp_path / "static"
-    port = _free_port()
+    port, worker_metrics_port = _free_port(), _free_port()
     base_env = {
         # The image's: its virtualenv first on PATH, and its collected static files.
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -244,6 +244,9 @@ def test_the_charts_pods_run_the_service_end_to_end(
             if name == "api":
                 assert env["PORT"] == "8000"
                 env["PORT"] = str(port)  # the pod's own port, free on this machine
+            if name == "worker":
+                assert env["DIS_WORKER_METRICS_PORT"] == "9808"
+                env["DIS_WORKER_METRICS_PORT"] = str(worker_metrics_port)
             roles.append(
                 Role(name, container["args"], env, tmp_path / f"role-{name}.log")
             )
@@ -321,6 +324,13 @@ def test_the_charts_pods_run_the_service_end_to_end(
         assert written in lines
         assert "dis_metadata_database_up 1.0" in lines
         assert "dis_broker_up 1.0" in lines
+        # The worker pod's own metrics: its pool's tasks.
+        worker_scrape = httpx.get(
+            f"http://127.0.0.1:{worker_metrics_port}/metrics", timeout=10
+        )
+        assert worker_scrape.status_code == 200
+        plan = 'dis_worker_tasks_total{outcome="succeeded",task="integration.plan_run"}'
+        assert f"{plan} 1.0" in worker_scrape.text.splitlines()
     finally:
         codes = {role.name: role.stop() for role in roles}
     # Each role stops cleanly on the kubelet's SIGTERM.
