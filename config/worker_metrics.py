@@ -3,7 +3,8 @@
 On when `DIS_WORKER_METRICS_PORT` is set (the Helm chart sets it on its worker
 pods). The pool processes run the tasks; prometheus_client's multiprocess mode
 has each of them write its samples to files under `PROMETHEUS_MULTIPROC_DIR` (a
-fresh directory under the system's temporary directory unless that is set), and
+fresh directory under the system's temporary directory unless that is set; a
+given one loses its `*.db` sample files at start), and
 the worker's main process serves their sum on the port. Set up in the main
 process before it forks its pool (`signals.worker_init`), so the pool processes
 inherit the mode.
@@ -18,9 +19,9 @@ The run-level state (runs, records, dead letters, queues) is the API's
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -46,9 +47,11 @@ def start(metrics_port: int) -> str:
     Returns the samples' directory."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
-        # A restarted worker must not add its predecessor's samples to its own.
-        shutil.rmtree(directory, ignore_errors=True)
-        os.makedirs(directory)
+        # A restarted worker must not add its predecessor's samples to its own:
+        # its sample files go (prometheus_client's `*.db`), nothing else there.
+        os.makedirs(directory, exist_ok=True)
+        for stale in Path(directory).glob("*.db"):
+            stale.unlink(missing_ok=True)
     else:
         directory = tempfile.mkdtemp(prefix="dis-worker-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory

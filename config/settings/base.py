@@ -216,6 +216,10 @@ CELERY_BROKER_TRANSPORT_OPTIONS = (
         "unacked_restore_throttle": 1,
     }
 )
+#: A prefix for every key the broker writes, so that two deployments can share
+#: one Redis database (kombu's `global_keyprefix`).
+if _broker_prefix := env.str("CELERY_BROKER_KEY_PREFIX", default=""):
+    CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"] = _broker_prefix
 # Completion is driven by the database (ChunkRun rows), so no result backend.
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None

@@ -64,7 +64,8 @@ def scratch_database() -> Iterator[str]:
 
 @pytest.fixture
 def scratch_redis() -> Iterator[str]:
-    """Redis database 12; what the test adds is deleted after (never FLUSHDB)."""
+    """Redis database 12 (keys under a private prefix); what the test adds is
+    deleted after (never FLUSHDB)."""
     client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
     before = set(client.keys("*"))
     try:
@@ -157,6 +158,7 @@ def test_the_charts_pods_run_the_service_end_to_end(
         "REDIS_URL": scratch_redis,
         "DIS_METRICS_TOKEN": secrets.token_urlsafe(16),
     }
+    tag = secrets.token_hex(4)
     local_dir = tmp_path / "local"
     local_dir.mkdir()
     docs = render(
@@ -167,7 +169,12 @@ def test_the_charts_pods_run_the_service_end_to_end(
             "worker": {"concurrency": 1},
             "migrations": {"timeoutSeconds": 3},
             "metrics": {"token": True},
-            "config": {"DIS_STAGING_PREFIX": f"dis:deploy:{secrets.token_hex(4)}"},
+            # Private keys in the shared Redis database: another checkout may
+            # run this test at the same time.
+            "config": {
+                "DIS_STAGING_PREFIX": f"dis:deploy:{tag}:stage",
+                "CELERY_BROKER_KEY_PREFIX": f"dis:deploy:{tag}:",
+            },
             # The example's sink is this machine's PostgreSQL, on loopback.
             "extraEnv": [
                 {"name": "DIS_DATA_ALLOWED_NETWORKS", "value": "127.0.0.0/8"},

@@ -122,3 +122,18 @@ def test_off_without_a_port(monkeypatch):
     worker_metrics.task_started("t")  # no metrics defined: nothing to count
     worker_metrics.task_ended("integration.plan_run", "t", "SUCCESS")
     assert worker_metrics._started == {}
+
+
+def test_a_given_directory_loses_only_the_old_sample_files(tmp_path, monkeypatch):
+    (tmp_path / "counter_123.db").write_bytes(b"old samples")
+    (tmp_path / "keep.txt").write_text("not ours")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    served = []
+    monkeypatch.setattr(
+        "prometheus_client.start_http_server",
+        lambda port, registry: served.append(port),
+    )
+    monkeypatch.setattr(worker_metrics, "_define", lambda: None)
+    assert worker_metrics.start(9999) == str(tmp_path)
+    assert served == [9999]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
