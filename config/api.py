@@ -1,4 +1,5 @@
-"""API-wide pieces: pagination, the filter backend and the exception handler."""
+"""API-wide pieces: pagination, the filter backend, the exception handler and the
+schema hook for `/metrics`."""
 
 from __future__ import annotations
 
@@ -69,3 +70,39 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             status=status.HTTP_409_CONFLICT,
         )
     return drf_exception_handler(exc, context)
+
+
+def metrics_schema(result: dict, generator: Any, request: Any, public: bool) -> dict:
+    """drf-spectacular hook: `GET /metrics` in the schema. The endpoint is answered
+    by `config.middleware.MetricsMiddleware` (ahead of the host check), not by a
+    view, so the generator cannot see it."""
+    schemes = result.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes["metricsToken"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "DIS_METRICS_TOKEN, when the deployment sets one.",
+    }
+    result["paths"]["/metrics"] = {
+        "get": {
+            "operationId": "metrics_retrieve",
+            "description": (
+                "The service's state for Prometheus: runs, last runs, dead letters "
+                "and queues, read from the database and the broker at each scrape "
+                "(docs/operations.md, Metrics). Prometheus' text format, or "
+                "OpenMetrics when the Accept header asks for it."
+            ),
+            "tags": ["health"],
+            "security": [{"metricsToken": []}, {}],
+            "responses": {
+                "200": {
+                    "content": {
+                        "text/plain": {"schema": {"type": "string"}},
+                        "application/openmetrics-text": {"schema": {"type": "string"}},
+                    },
+                    "description": "The metrics.",
+                },
+                "401": {"description": "DIS_METRICS_TOKEN is set and was not sent."},
+            },
+        }
+    }
+    return result

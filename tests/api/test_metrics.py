@@ -262,3 +262,13 @@ def test_only_get(settings):
 def test_other_paths_still_check_the_host():
     # The exemption is /metrics only: the API still refuses an unknown host.
     assert Client().get("/healthz", HTTP_HOST=POD_HOST).status_code == 400
+
+
+def test_the_endpoint_is_in_the_openapi_schema(client):
+    from config.middleware import MetricsMiddleware
+
+    schema = client.get("/api/schema/?format=json")
+    assert schema.status_code == 200, schema.content
+    operation = schema.json()["paths"][MetricsMiddleware.PATH]["get"]
+    assert set(operation["responses"]) == {"200", "401"}
+    assert {"metricsToken": []} in operation["security"]
