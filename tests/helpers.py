@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -146,3 +147,10 @@ def wait_for_broker_to_drain(timeout: float = 60) -> None:
         wait_until(broker_idle, timeout=timeout, interval=0.2, what="the broker")
     except AssertionError as exc:
         raise AssertionError(f"{exc}: still held {broker_backlog()}") from None
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -14,7 +14,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,17 +34,12 @@ from tests.deploy.common import (
     pod_spec,
     render,
 )
+from tests.helpers import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REDIS_DB = 12
 SECRET_MOUNT = "/var/run/secrets/dis"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -187,7 +181,7 @@ def test_the_charts_pods_run_the_service_end_to_end(
     for name in ("DJANGO_SECRET_KEY", "DIS_ENCRYPTION_KEYS"):
         (secret_dir / name).write_text(secret_values[name])
     static_root = tmp_path / "static"
-    port, worker_metrics_port = _free_port(), _free_port()
+    port, worker_metrics_port = free_port(), free_port()
     base_env = {
         # The image's: its virtualenv first on PATH, and its collected static files.
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",

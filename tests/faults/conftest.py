@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ import psycopg
 import pytest
 from kombu.utils.collections import eqhash
 
-from tests.helpers import unique
+from tests.helpers import free_port, unique
 
 #: Worker environment that makes redelivery quick: a message whose worker is gone
 #: comes back after 20 s (the visibility timeout stays above the hard time limit).
@@ -60,12 +59,6 @@ def wait_until(
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- The sink ------------------------------------------------------------------------

@@ -3,8 +3,6 @@ worker process whose pool runs a pipeline."""
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,17 +11,11 @@ from config import worker_metrics
 from connectors.models import Connector
 from integration import services
 from integration.models import ChunkRun, Pipeline
-from tests.helpers import unique, wait_for_run
+from tests.helpers import free_port, unique, wait_for_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STEPS = [{"type": "map", "fields": [{"name": "id", "expr": "id", "type": "integer"}]}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _samples(port: int) -> dict:
@@ -54,7 +46,7 @@ def test_the_workers_pool_reports_each_tasks_outcome_and_duration(
         chunk_rows=50,
     )
     services.freeze_version(pipeline)
-    port = _free_port()
+    port = free_port()
     # Two pool processes: the main process serves the sum of both.
     worker_factory(concurrency=2, env={"DIS_WORKER_METRICS_PORT": str(port)})
     run = wait_for_run(services.start_run(pipeline.pk).pk, timeout=120)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import traceback
 import uuid
@@ -25,6 +24,7 @@ from tests.connectors.contract import (
     UpsertSinkContract,
 )
 from tests.connectors.plugins.conftest import MYSQL_SETTINGS
+from tests.helpers import free_port
 
 
 def query(database: str, statement: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -214,12 +214,6 @@ def test_replace_is_refused(mysql_config: dict[str, Any]) -> None:
         make_sink(mysql_config).dataset_name({"table": "t", "write_mode": "replace"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize(
     ("change", "error"),
     [
@@ -233,7 +227,7 @@ def test_the_password_never_shows_in_errors(
     password = f"pw-{uuid.uuid4().hex}"
     settings = {**MYSQL_SETTINGS, "database": "mysql", "connect_timeout": 2, **change}
     if settings["port"] == "free":
-        settings["port"] = _free_port()
+        settings["port"] = free_port()
     config = MysqlPlugin.load_config(settings, {"password": password})
     sink = make_sink(config)
     source = MysqlPlugin.source(config)

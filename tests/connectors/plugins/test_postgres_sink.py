@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import math
-import socket
 import time
 import traceback
 import uuid
@@ -38,6 +37,7 @@ from tests.connectors.contract import (
     keyed,
 )
 from tests.connectors.plugins.pgtools import PG_SETTINGS, pg_connect
+from tests.helpers import free_port
 
 UTC = dt.UTC
 NAIVE = dt.datetime(1969, 12, 31, 23, 59, 59, 5)  # noqa: DTZ001 - a naive column
@@ -538,16 +538,10 @@ def test_an_unmappable_type_is_a_config_error(
         make_sink(pg_config).prepare({"table": "t", "schema": pg_schema}, schema)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_a_failing_connection_never_shows_the_password() -> None:
     password = f"pw-{uuid.uuid4().hex}"
     config = PostgresPlugin.load_config(
-        {**PG_SETTINGS, "port": _free_port(), "connect_timeout": 2},
+        {**PG_SETTINGS, "port": free_port(), "connect_timeout": 2},
         {"password": password},
     )
     sink = make_sink(config)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-import socket
 import traceback
 import uuid
 from typing import Any
@@ -19,6 +18,7 @@ from connectors.plugins.sql import PostgresPlugin
 from connectors.plugins.sql.postgres_source import PostgresSource, SnapshotGoneError
 from tests.connectors.contract import SourceContract
 from tests.connectors.plugins.pgtools import PG_SETTINGS, pg_connect
+from tests.helpers import free_port
 
 UTC = dt.UTC
 
@@ -372,16 +372,10 @@ def test_discover_lists_tables_with_their_arrow_schema(
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_a_failing_source_never_shows_the_password() -> None:
     password = f"pw-{uuid.uuid4().hex}"
     config = PostgresPlugin.load_config(
-        {**PG_SETTINGS, "port": _free_port(), "connect_timeout": 2},
+        {**PG_SETTINGS, "port": free_port(), "connect_timeout": 2},
         {"password": password},
     )
     source = make_source(config)

@@ -23,6 +23,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from connectors.plugins.kafka import KafkaPlugin
+from tests.helpers import free_port
 
 
 def _tansu_binary() -> str:
@@ -32,14 +33,8 @@ def _tansu_binary() -> str:
     return str(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _start_tansu(log: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     with open(log, "wb") as out:
         process = subprocess.Popen(
