@@ -8,9 +8,12 @@ test_entrypoint.py. These tests hold the files to what the service needs.
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 
+import pytest
 import yaml
+from compose_spec import PyCompose
 
 from tests.deploy.common import (
     ROOT,
@@ -136,3 +139,49 @@ def test_every_variable_compose_sets_is_one_the_service_reads():
     unread = sorted(n for n in names if not reads_env(n))
     assert unread == []
     assert "docker/.env" in (ROOT / ".gitignore").read_text().split()
+
+
+_VARIABLE = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?:(?P<op>:[-?])(?P<arg>[^}]*))?\}")
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's variable interpolation: `${NAME}`, `${NAME:-default}` and
+    `${NAME:?message}` (an error naming the message when unset or empty)."""
+
+    def value(match: re.Match[str]) -> str:
+        name, op, arg = match["name"], match["op"], match["arg"]
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise LookupError(f"{name}: {arg}")
+        return arg if op == ":-" else ""
+
+    return _VARIABLE.sub(value, text)
+
+
+def _example_env() -> dict[str, str]:
+    """docker/env.example with its two secrets filled in, as docker/.env would be."""
+    env = {}
+    for line in (ROOT / "docker" / "env.example").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            env[name] = value
+    assert set(env) == {"DJANGO_SECRET_KEY", "DIS_ENCRYPTION_KEYS"}
+    return {**env, "DJANGO_SECRET_KEY": "k" * 50, "DIS_ENCRYPTION_KEYS": "f" * 44}
+
+
+def test_compose_refuses_to_start_without_its_secrets():
+    with pytest.raises(LookupError, match="DJANGO_SECRET_KEY: set DJANGO_SECRET_KEY"):
+        interpolate(COMPOSE_TEXT, {})
+
+
+def test_compose_file_follows_the_compose_specification():
+    text = interpolate(COMPOSE_TEXT, _example_env())
+    # PyYAML applies the `<<` merge keys as Compose does; the specification's
+    # parser (the compose_spec crate) then validates every service and field.
+    compose = PyCompose.from_json(json.dumps(yaml.safe_load(text)))
+    assert sorted(compose.service_names()) == sorted(COMPOSE["services"])
+    api = compose.to_dict()["services"]["api"]
+    assert api["environment"]["DJANGO_SECRET_KEY"] == "k" * 50
+    assert api["image"] == "dis:dev"
+    assert api["ports"]
