@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the API, a Celery worker and beat together; Ctrl-C stops all three.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=.venv/bin/python
 CELERY=.venv/bin/celery
 HOST=${DIS_HOST:-127.0.0.1}
