@@ -2,12 +2,11 @@
 
 On when `DIS_WORKER_METRICS_PORT` is set (the Helm chart sets it on its worker
 pods). The pool processes run the tasks; prometheus_client's multiprocess mode
-has each of them write its samples to files under `PROMETHEUS_MULTIPROC_DIR` (a
-fresh directory under the system's temporary directory unless that is set; a
-given one loses its `*.db` sample files at start), and
-the worker's main process serves their sum on the port. Set up in the main
-process before it forks its pool (`signals.worker_init`), so the pool processes
-inherit the mode.
+has each of them write its samples to files under `PROMETHEUS_MULTIPROC_DIR`
+(a fresh directory under the system's temporary directory unless that is set;
+a given one loses its `*.db` sample files at start), and the worker's main
+process serves their sum on the port. Set up in the main process before it
+forks its pool (`signals.worker_init`), so the pool processes inherit the mode.
 
 The run-level state (runs, records, dead letters, queues) is the API's
 `/metrics` (integration/metrics.py): this adds what only a worker sees.
