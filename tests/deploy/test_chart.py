@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import kubernetes_validate
@@ -45,6 +46,7 @@ EVERYTHING = {
     "metrics": {
         "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
         "prometheusRule": {"enabled": True, "staleAfterSeconds": 3600},
+        "grafanaDashboard": {"enabled": True},
         "token": True,
     },
 }
@@ -80,7 +82,7 @@ def test_every_manifest_passes_the_kubernetes_schema_strictly(
     expected += ["Secret", "Service", "ServiceAccount"]
     if values:
         expected += ["HorizontalPodAutoscaler", "HorizontalPodAutoscaler", "Ingress"]
-        expected += ["ServiceMonitor", "PodMonitor", "PrometheusRule"]
+        expected += ["ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"]
     assert kinds == sorted(expected)
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
@@ -324,11 +326,7 @@ def test_the_alerts_are_valid_promql_over_metrics_the_service_exports(
     alerts = {r["alert"]: r for r in group["rules"]}
     assert "DisPipelineStale" in alerts
     assert alerts["DisPipelineStale"]["expr"].endswith("> 3600")
-    exported = set(
-        re.findall(
-            r'"(dis_[a-z_]+)"', (ROOT / "integration" / "metrics.py").read_text()
-        )
-    )
+    exported = _exported_metrics()
     for name, rule in alerts.items():
         promql_parser.parse(rule["expr"])  # raises on a syntax error
         used = set(re.findall(r"\bdis_[a-z_]+", rule["expr"]))
@@ -351,3 +349,36 @@ def test_the_pod_monitor_scrapes_each_workers_own_metrics(helm_binary, tmp_path)
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert endpoint["port"] == "metrics"
     assert env["DIS_WORKER_METRICS_PORT"] == str(ports["metrics"]) == "9808"
+
+
+def _exported_metrics() -> set[str]:
+    """The series names the API's collector and the workers' metrics produce."""
+    names = set()
+    for path in ("integration/metrics.py", "config/worker_metrics.py"):
+        names |= set(re.findall(r'"(dis_[a-z_]+)"', (ROOT / path).read_text()))
+    # prometheus_client's counter and histogram series.
+    names.add("dis_worker_tasks_total")
+    for suffix in ("bucket", "count", "sum"):
+        names.add(f"dis_worker_task_duration_seconds_{suffix}")
+    return names
+
+
+def test_the_grafana_dashboard_queries_only_what_the_service_exports(
+    helm_binary, tmp_path
+):
+    docs = render(tmp_path, with_secrets(**EVERYTHING))
+    config_map = find(docs, "ConfigMap", "rel-dis-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config_map["data"]["dis.json"])
+    assert dashboard == json.loads((CHART / "dashboards" / "dis.json").read_text())
+    exported = _exported_metrics()
+    targets = [t for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(targets) >= 10
+    for target in targets:
+        expr = target["expr"].replace("$pipeline", ".*")  # Grafana's variable
+        promql_parser.parse(expr)
+        used = set(re.findall(r"\bdis_[a-z_]+", expr))
+        assert used, expr
+        assert used <= exported, (expr, used - exported)
+    docs = render(tmp_path, with_secrets())
+    assert not [d for d in docs if d["metadata"]["name"] == "rel-dis-dashboard"]
