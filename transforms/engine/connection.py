@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -46,6 +48,15 @@ def interruptible(method: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+def spill_directory() -> str:
+    """Where DuckDB writes what does not fit in `memory_limit`: a directory of
+    this process under the system's temporary directory. DuckDB's own default is
+    `.tmp` in the working directory, which a container's read-only root refuses
+    (the image writes only to /tmp) and which every process started there would
+    share. DuckDB creates it on the first spill and removes its files on close."""
+    return os.path.join(tempfile.gettempdir(), f"dis-duckdb-{os.getpid()}")
+
+
 def connect(
     *, timezone: str, threads: int, memory_limit: str
 ) -> duckdb.DuckDBPyConnection:
@@ -74,6 +85,7 @@ def connect(
         "allow_community_extensions": False,
         "threads": threads,
         "memory_limit": memory_limit,
+        "temp_directory": spill_directory(),
     }
     try:
         con = duckdb.connect(":memory:", config=config)

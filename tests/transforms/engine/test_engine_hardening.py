@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import duckdb
@@ -114,3 +115,25 @@ def test_connection_settings(compile_pipeline: Any) -> None:
     ).fetchall()
 
     assert rows == [("America/New_York", 1, "488.2 MiB", False, False, False, True)]
+
+
+def test_spills_go_to_a_directory_of_this_process_under_tmp(
+    compile_pipeline: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    # Not the working directory: a container's root (and so /app) is read-only.
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    pipeline = compile_pipeline([], memory_limit="100MB")
+    spill = tmp_path / f"dis-duckdb-{os.getpid()}"
+    [(directory,)] = pipeline.con.sql(
+        "SELECT current_setting('temp_directory')"
+    ).fetchall()
+    assert directory == str(spill)
+    # An aggregate larger than the memory limit spills there and completes.
+    [(groups,)] = pipeline.con.sql(
+        "SELECT count(*) FROM (SELECT range % 4000037 AS k, count(*) "
+        "FROM range(10000000) GROUP BY k)"
+    ).fetchall()
+    assert groups == 4_000_037
+    assert spill.is_dir()
+    assert not (tmp_path / ".tmp").exists()
