@@ -75,6 +75,11 @@ def _serve_metrics(**kwargs: Any) -> None:
         worker_metrics.start(metrics_port)
 
 
+@signals.worker_shutdown.connect
+def _stop_metrics(**kwargs: Any) -> None:
+    worker_metrics.stop()
+
+
 @signals.worker_init.connect
 def _preload(**kwargs: Any) -> None:
     """Import the connector plugins and the reference cache in the worker's main

@@ -18,6 +18,7 @@ The run-level state (runs, records, dead letters, queues) is the API's
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 180
 
 _metrics: dict[str, Any] = {}
 _started: dict[str, float] = {}
+#: The samples' directory when this process made it (removed at shutdown).
+_made: list[str] = []
 
 
 def port() -> int | None:
@@ -54,6 +57,7 @@ def start(metrics_port: int) -> str:
     else:
         directory = tempfile.mkdtemp(prefix="dis-worker-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        _made.append(directory)
 
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
@@ -64,6 +68,12 @@ def start(metrics_port: int) -> str:
     _define()
     logger.info("worker_metrics_serving", port=metrics_port)
     return directory
+
+
+def stop() -> None:
+    """At the worker's shutdown: remove the samples' directory it made."""
+    while _made:
+        shutil.rmtree(_made.pop(), ignore_errors=True)
 
 
 def _define() -> None:

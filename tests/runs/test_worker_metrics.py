@@ -3,6 +3,9 @@ worker process whose pool runs a pipeline."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -47,8 +50,11 @@ def test_the_workers_pool_reports_each_tasks_outcome_and_duration(
     )
     services.freeze_version(pipeline)
     port = free_port()
+    made_before = set(Path(tempfile.gettempdir()).glob("dis-worker-metrics-*"))
     # Two pool processes: the main process serves the sum of both.
-    worker_factory(concurrency=2, env={"DIS_WORKER_METRICS_PORT": str(port)})
+    worker = worker_factory(concurrency=2, env={"DIS_WORKER_METRICS_PORT": str(port)})
+    made = set(Path(tempfile.gettempdir()).glob("dis-worker-metrics-*")) - made_before
+    assert len(made) == 1  # the samples' directory it made
     run = wait_for_run(services.start_run(pipeline.pk).pk, timeout=120)
     assert run.state == "succeeded", run.error
     chunks = ChunkRun.objects.filter(run=run).count()
@@ -76,6 +82,9 @@ def test_the_workers_pool_reports_each_tasks_outcome_and_duration(
             ("dis_worker_task_duration_seconds_count", (("task", task),)), 0
         )
         assert timed == ran, task
+    # A worker that stops removes the directory it made.
+    worker.stop()
+    assert not [d for d in made if d.exists()]
 
 
 def test_outcomes_follow_celerys_task_states(monkeypatch):
