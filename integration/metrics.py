@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import structlog
+from django.conf import settings
 from django.db import DatabaseError
 from django.db.models import Count, Min, Subquery, Sum
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -40,8 +41,6 @@ from integration.models import DeadLetter, Pipeline, Run
 
 logger = structlog.get_logger("dis.metrics")
 
-#: The Celery queues the workers consume (config/settings: task routes).
-QUEUES = ("control", "io", "cpu")
 #: A run's record counts, exported as `outcome` labels.
 OUTCOMES = ("read", "written", "rejected", "filtered", "deduplicated", "dead_lettered")
 SUCCEEDED_STATES = (RunState.SUCCEEDED, RunState.SUCCEEDED_WITH_ERRORS)
@@ -194,13 +193,13 @@ def _queue_depths() -> list[Metric]:
 
     depth = _gauge(
         "dis_broker_queue_messages",
-        "Messages waiting in the broker queue (not yet taken by a worker).",
+        "Messages waiting in each queue the workers consume (not yet taken).",
         ["queue"],
     )
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=2)
         channel = conn.default_channel
-        for queue in QUEUES:
+        for queue in settings.CELERY_WORKER_QUEUES.split(","):
             # kombu's virtual transports (Redis, the local filesystem one) count
             # a queue's messages in `_size`, the hook they implement for it; a
             # passive declare (its public face) misses keys under the Redis
