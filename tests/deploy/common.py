@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -84,23 +85,38 @@ def reads_env(name: str) -> bool:
     """Whether the service reads environment variable `name`: config/ (the
     settings, the Celery app, the worker's metrics), gunicorn.conf.py, the
     entrypoint or manage.py."""
-    sources = [*(ROOT / "config").rglob("*.py")]
-    sources += [ROOT / "gunicorn.conf.py", ROOT / "docker" / "entrypoint.sh"]
-    sources += [ROOT / "manage.py"]
-    text = "\n".join(p.read_text() for p in sources)
+    text = _service_sources()
     base = name.removesuffix("_FILE")
     if name.endswith("_FILE") and f'env_secret("{base}")' in text:
         return True
     return bool(re.search(rf'["{{$]{re.escape(name)}["}}:]', text))
 
 
+@functools.cache
+def _service_sources() -> str:
+    sources = [*(ROOT / "config").rglob("*.py")]
+    sources += [ROOT / "gunicorn.conf.py", ROOT / "docker" / "entrypoint.sh"]
+    sources += [ROOT / "manage.py"]
+    return "\n".join(p.read_text() for p in sources)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """docker/Dockerfile as (instruction, arguments), continued lines joined."""
+    text = (ROOT / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (op, arg)
+        for op, _, arg in (line.partition(" ") for line in lines)
+        if op and not op.startswith("#") and arg
+    ]
+
+
 def dockerfile_collectstatic_env() -> dict[str, str]:
     """The placeholder environment of the Dockerfile's collectstatic step."""
-    text = (ROOT / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
     [step] = [
-        line
-        for line in text.splitlines()
-        if line.startswith("RUN ") and "manage.py collectstatic" in line
+        arg
+        for op, arg in dockerfile_instructions()
+        if op == "RUN" and "manage.py collectstatic" in arg
     ]
-    assignments = step.removeprefix("RUN ").split("python manage.py collectstatic")[0]
+    assignments = step.split("python manage.py collectstatic")[0]
     return dict(pair.split("=", 1) for pair in assignments.split())

@@ -16,7 +16,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from tests.deploy.common import (
     pod_spec,
     render,
 )
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -124,20 +123,20 @@ def _get(url: str, headers: dict[str, str] | None = None) -> httpx.Response:
     return httpx.get(url, headers={"Host": "localhost", **(headers or {})}, timeout=10)
 
 
-def _wait_until(check: Any, timeout: float, what: str, roles: list[Role]) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _while_running(check: Any, roles: list[Role]) -> Any:
+    """`check` as a `wait_until` predicate: fails at once when a role exited, and
+    counts a service that does not answer yet as not ready."""
+
+    def predicate() -> Any:
         for role in roles:
             if role.proc.poll() is not None:
-                raise AssertionError(
-                    f"{role.name} exited: {role.log.read_text()[-3000:]}"
-                )
+                said = role.log.read_text()[-3000:]
+                raise AssertionError(f"{role.name} exited: {said}")
         with contextlib.suppress(OSError, httpx.TransportError, psycopg.Error):
-            result = check()
-            if result:
-                return result
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+            return check()
+        return None
+
+    return predicate
 
 
 def test_the_charts_pods_run_the_service_end_to_end(
@@ -257,7 +256,9 @@ def test_the_charts_pods_run_the_service_end_to_end(
             response = _get(f"{api_url}/readyz")
             return response.status_code == 200 and response.json()["status"] == "ok"
 
-        _wait_until(ready, 60, "the API's readiness", roles)
+        wait_until(
+            _while_running(ready, roles), timeout=60, interval=0.3, what="the API"
+        )
         # Behind the ingress (TLS ended there): the admin's CSS from the image.
         css = _get(
             f"{api_url}/static/admin/css/base.css", {"X-Forwarded-Proto": "https"}
@@ -277,7 +278,12 @@ def test_the_charts_pods_run_the_service_end_to_end(
                 ).fetchall()
             return [r[0] for r in rows]
 
-        names = _wait_until(scheduled, 60, "beat's schedule", roles)
+        names = wait_until(
+            _while_running(scheduled, roles),
+            timeout=60,
+            interval=0.3,
+            what="beat's schedule",
+        )
         assert set(settings.CELERY_BEAT_SCHEDULE) <= set(names)
 
         # The worker: the example pipeline, started and waited for as an operator would.

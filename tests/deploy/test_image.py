@@ -18,13 +18,14 @@ from compose_spec import PyCompose
 from tests.deploy.common import (
     ROOT,
     dockerfile_collectstatic_env,
+    dockerfile_instructions,
     entrypoint_roles,
     reads_env,
 )
 
 DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
-COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
 COMPOSE_TEXT = (ROOT / "docker" / "compose.yaml").read_text()
+COMPOSE = yaml.safe_load(COMPOSE_TEXT)
 
 #: What the running image needs from the build context.
 NEEDED = [
@@ -40,18 +41,8 @@ NEEDED = [
 ]
 
 
-def _instructions() -> list[tuple[str, str]]:
-    text = DOCKERFILE.replace("\\\n", " ")
-    lines = [x.strip() for x in text.splitlines()]
-    return [
-        tuple(x.split(None, 1))
-        for x in lines
-        if x and not x.startswith("#") and " " in x
-    ]
-
-
 def test_image_runs_the_entrypoint_as_an_unprivileged_user():
-    instructions = _instructions()
+    instructions = dockerfile_instructions()
     assert ("ENTRYPOINT", '["/app/docker/entrypoint.sh"]') in instructions
     assert ("CMD", '["api"]') in instructions
     [user] = [arg for op, arg in instructions if op == "USER"]
@@ -71,7 +62,7 @@ def test_image_is_the_projects_python_and_installs_the_pinned_requirements():
 def test_collectstatic_placeholders_are_not_left_in_the_image():
     placeholders = dockerfile_collectstatic_env()
     assert set(placeholders) >= {"DJANGO_SECRET_KEY", "DIS_ENCRYPTION_KEYS"}
-    env_lines = [arg for op, arg in _instructions() if op == "ENV"]
+    env_lines = [arg for op, arg in dockerfile_instructions() if op == "ENV"]
     for name in placeholders:
         assert not any(name in line for line in env_lines)
 

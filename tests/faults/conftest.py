@@ -14,7 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from kombu.utils.collections import eqhash
 
-from tests.helpers import free_port, unique
+from tests.helpers import free_port, unique, wait_until
 
 #: Worker environment that makes redelivery quick: a message whose worker is gone
 #: comes back after 20 s (the visibility timeout stays above the hard time limit).
@@ -46,19 +46,6 @@ NUMBER_STEPS = [
         "fields": [{"name": "id", "expr": "id", "type": "integer", "required": True}],
     }
 ]
-
-
-def wait_until(
-    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str
-) -> Any:
-    """Poll `predicate` until it returns something truthy; returns that value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 # --- The sink ------------------------------------------------------------------------
